@@ -1,0 +1,88 @@
+"""SDXL specifics of training: model loading, size conditioning, SDXL-only flags and checks."""
+
+import logging
+import os
+
+import mindspore as ms
+from mindspore import ops
+
+from library import sdxl_model_util
+from library.sdxl_original_unet import timestep_embedding
+
+logger = logging.getLogger(__name__)
+
+SIZE_EMBEDDING_DIM = 256  # per value; 6 values (original hw, crop tl, target hw) -> 1536
+
+
+def add_sdxl_training_arguments(parser):
+    parser.add_argument(
+        "--cache_text_encoder_outputs", action="store_true", help="cache the outputs of the text encoders"
+    )
+    parser.add_argument(
+        "--cache_text_encoder_outputs_to_disk",
+        action="store_true",
+        help="cache the outputs of the text encoders to disk (<stem>_te_outputs.npz)",
+    )
+    parser.add_argument(
+        "--disable_mmap_load_safetensors",
+        action="store_true",
+        help="accepted for compatibility; checkpoints are always read fully into host memory here",
+    )
+
+
+def verify_sdxl_training_args(args):
+    """Upstream's SDXL checks, as errors that name the flags."""
+    if getattr(args, "v2", False):
+        raise ValueError("--v2 cannot be used with SDXL training")
+    if getattr(args, "clip_skip", None) is not None:
+        logger.warning("--clip_skip has no effect for SDXL: both text encoders use their penultimate layer")
+    if getattr(args, "cache_text_encoder_outputs_to_disk", False):
+        args.cache_text_encoder_outputs = True
+
+
+def get_size_embeddings(original_sizes_hw, crop_top_lefts, target_sizes_hw):
+    """(B, 1536) SDXL size conditioning: each of the six values embedded with 256 sinusoidal dims."""
+    batch_size = original_sizes_hw.shape[0]
+    parts = []
+    for sizes in (original_sizes_hw, crop_top_lefts, target_sizes_hw):
+        parts.append(timestep_embedding(sizes.reshape(-1), SIZE_EMBEDDING_DIM).reshape(batch_size, -1))
+    return ops.cat(parts, axis=1)
+
+
+def load_target_model(args, model_dtype=None):
+    """(text_encoder1, text_encoder2, vae, unet, logit_scale) from `--pretrained_model_name_or_path` (+ `--vae`)."""
+    path = args.pretrained_model_name_or_path
+    if path is None:
+        raise ValueError("--pretrained_model_name_or_path is required (a single-file SDXL .safetensors checkpoint)")
+    if os.path.isdir(path):
+        raise ValueError(
+            f"--pretrained_model_name_or_path {path}: diffusers-format model directories are not supported yet; "
+            "pass a single-file SDXL .safetensors checkpoint"
+        )
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--pretrained_model_name_or_path: file not found: {path} (hub ids need network access)")
+    te1, te2, vae, unet, logit_scale, _ = sdxl_model_util.load_models_from_sdxl_checkpoint(path, dtype=model_dtype)
+    if getattr(args, "vae", None):
+        vae = load_vae(args.vae, vae)
+    return te1, te2, vae, unet, logit_scale
+
+
+def load_vae(path: str, vae):
+    """Replace the VAE weights from `--vae`: a single-file SDXL checkpoint or a VAE-only LDM/diffusers file."""
+    from library.model_util import convert_ldm_vae_checkpoint
+
+    tensors, _ = sdxl_model_util.read_safetensors(path)
+    if any(k.startswith(sdxl_model_util.VAE_PREFIX) for k in tensors):
+        ldm = {k[len(sdxl_model_util.VAE_PREFIX):]: v for k, v in tensors.items() if k.startswith(sdxl_model_util.VAE_PREFIX)}
+        state_dict = convert_ldm_vae_checkpoint(ldm)
+    elif any(k.startswith("encoder.down.") for k in tensors):
+        state_dict = convert_ldm_vae_checkpoint(tensors)
+    else:
+        state_dict = tensors
+    sdxl_model_util.load_state_dict_into(vae, state_dict, f"--vae {path}")
+    return vae
+
+
+def cast_dtype_name(name):
+    """'fp16' / 'bf16' / 'float' / None -> mindspore dtype or None."""
+    return {None: None, "no": None, "float": ms.float32, "fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[name]

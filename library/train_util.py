@@ -1,0 +1,365 @@
+"""Command-line argument groups of the trainer (upstream's flag names, types and defaults), `--config_file`,
+argument checks, checkpoint names and the loss moving average."""
+
+import argparse
+import logging
+import os
+
+import toml
+
+from library.bucketing import INTERPOLATIONS
+
+logger = logging.getLogger(__name__)
+
+
+def add_dataset_arguments(
+    parser: argparse.ArgumentParser, support_dreambooth: bool, support_caption: bool, support_caption_dropout: bool
+):
+    """Upstream's `add_dataset_arguments`: the dataset, caption, augmentation and caching flags."""
+    parser.add_argument("--train_data_dir", type=str, default=None, help="directory for train images")
+    parser.add_argument(
+        "--cache_info",
+        action="store_true",
+        help="cache meta information (caption and image size) for faster dataset loading (DreamBooth only)",
+    )
+    parser.add_argument("--shuffle_caption", action="store_true", help="shuffle separated caption")
+    parser.add_argument("--caption_separator", type=str, default=",", help="separator for caption")
+    parser.add_argument("--caption_extension", type=str, default=".caption", help="extension of caption files")
+    parser.add_argument(
+        "--caption_extention", type=str, default=None, help="extension of caption files (backward compatibility spelling)"
+    )
+    parser.add_argument(
+        "--keep_tokens",
+        type=int,
+        default=0,
+        help="keep heading N tokens when shuffling caption tokens (token means comma separated strings)",
+    )
+    parser.add_argument(
+        "--keep_tokens_separator",
+        type=str,
+        default="",
+        help="separator between the fixed and the shuffled parts of a caption (overrides --keep_tokens)",
+    )
+    parser.add_argument(
+        "--secondary_separator",
+        type=str,
+        default=None,
+        help="a secondary separator for caption, replaced by caption_separator after dropping/shuffling",
+    )
+    parser.add_argument("--enable_wildcard", action="store_true", help="enable wildcard for caption (e.g. '{image|picture}')")
+    parser.add_argument("--caption_prefix", type=str, default=None, help="prefix for caption text")
+    parser.add_argument("--caption_suffix", type=str, default=None, help="suffix for caption text")
+    parser.add_argument("--color_aug", action="store_true", help="enable weak color augmentation")
+    parser.add_argument("--flip_aug", action="store_true", help="enable horizontal flip augmentation")
+    parser.add_argument(
+        "--face_crop_aug_range",
+        type=str,
+        default=None,
+        help="enable face-centered crop augmentation and its range (e.g. 2.0,4.0); not supported by this trainer",
+    )
+    parser.add_argument("--random_crop", action="store_true", help="enable random crop")
+    parser.add_argument("--debug_dataset", action="store_true", help="print what the dataset produces (do not train)")
+    parser.add_argument("--resolution", type=str, default=None, help="resolution in training ('size' or 'width,height')")
+    parser.add_argument("--cache_latents", action="store_true", help="cache latents to main memory (augmentations must be disabled)")
+    parser.add_argument("--vae_batch_size", type=int, default=1, help="batch size for caching latents")
+    parser.add_argument("--cache_latents_to_disk", action="store_true", help="cache latents to disk (augmentations must be disabled)")
+    parser.add_argument(
+        "--skip_cache_check",
+        action="store_true",
+        help="skip the content validation of caches (latents and text encoder outputs); existence is always checked",
+    )
+    parser.add_argument("--enable_bucket", action="store_true", help="enable buckets for multi aspect ratio training")
+    parser.add_argument(
+        "--min_bucket_reso", type=int, default=256, help="minimum resolution for buckets, must be divisible by bucket_reso_steps"
+    )
+    parser.add_argument(
+        "--max_bucket_reso", type=int, default=1024, help="maximum resolution for buckets, must be divisible by bucket_reso_steps"
+    )
+    parser.add_argument("--bucket_reso_steps", type=int, default=64, help="steps of resolution for buckets (SDXL: divisible by 32)")
+    parser.add_argument("--bucket_no_upscale", action="store_true", help="make bucket for each image without upscaling")
+    parser.add_argument(
+        "--resize_interpolation",
+        type=str,
+        default=None,
+        choices=[i for i in INTERPOLATIONS if i != "box"],
+        help="resize interpolation; default: area to shrink, lanczos to enlarge",
+    )
+    parser.add_argument("--token_warmup_min", type=int, default=1, help="start learning at N tags (comma-separated)")
+    parser.add_argument(
+        "--token_warmup_step",
+        type=float,
+        default=0,
+        help="tag length reaches maximum on N steps (or N*max_train_steps if N<1); 0 = from the start",
+    )
+    parser.add_argument("--alpha_mask", action="store_true", help="use alpha channel as loss mask; not supported by this trainer")
+    parser.add_argument(
+        "--dataset_class", type=str, default=None, help="dataset class for arbitrary dataset (package.module.Class)"
+    )
+
+    if support_caption_dropout:
+        parser.add_argument("--caption_dropout_rate", type=float, default=0.0, help="rate of dropping whole captions (0.0~1.0)")
+        parser.add_argument(
+            "--caption_dropout_every_n_epochs", type=int, default=0, help="drop all captions every N epochs"
+        )
+        parser.add_argument(
+            "--caption_tag_dropout_rate", type=float, default=0.0, help="rate of dropping comma-separated tags (0.0~1.0)"
+        )
+
+    if support_dreambooth:
+        parser.add_argument("--reg_data_dir", type=str, default=None, help="directory for regularization images")
+
+    if support_caption:
+        parser.add_argument("--in_json", type=str, default=None, help="json metadata for dataset")
+        parser.add_argument("--dataset_repeats", type=int, default=1, help="repeat dataset when training with captions")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model, training, saving and logging flags
+
+
+TORCH_ONLY_FLAGS = {
+    # flag: what this port does instead (printed once when the flag is given)
+    "xformers": "MindSpore has no xformers; attention uses the math kernel (flash attention on Ascend)",
+    "sdpa": "torch SDPA does not exist here; attention uses the math kernel (flash attention on Ascend)",
+    "mem_eff_attn": "attention uses the math kernel (flash attention on Ascend)",
+    "torch_compile": "training already runs as a compiled MindSpore graph (GRAPH_MODE)",
+    "lowram": "models are loaded to host memory and placed by MindSpore; the flag changes nothing",
+    "highvram": "MindSpore manages device memory itself; the flag changes nothing",
+    "persistent_data_loader_workers": "batches are built in the main process; the flag changes nothing",
+}
+TORCH_ONLY_ERRORS = {
+    "deepspeed": "DeepSpeed is torch-only; use data-parallel training with msrun (see README)",
+    "fp8_base": "fp8 base weights are not supported by this MindSpore port",
+    "fp8_base_unet": "fp8 base weights are not supported by this MindSpore port",
+    "cpu_offload_checkpointing": "not supported (it also crashes upstream for SDXL)",
+    "fused_backward_pass": "not supported (it has no effect in upstream's train_network either)",
+}
+
+
+def add_sd_models_arguments(parser):
+    parser.add_argument("--v2", action="store_true", help="SD 2.x model (not supported for SDXL)")
+    parser.add_argument("--v_parameterization", action="store_true", help="v-prediction model")
+    parser.add_argument(
+        "--pretrained_model_name_or_path", type=str, default=None, help="base model: a single-file SDXL .safetensors"
+    )
+    parser.add_argument("--tokenizer_cache_dir", type=str, default=None, help="directory to save/load the tokenizers")
+
+
+def add_training_arguments(parser):
+    parser.add_argument("--output_dir", type=str, default=None, help="directory for trained models")
+    parser.add_argument("--output_name", type=str, default=None, help="base name of trained model files")
+    parser.add_argument(
+        "--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"], help="precision of saved files"
+    )
+    parser.add_argument("--save_every_n_epochs", type=int, default=None, help="save a checkpoint every N epochs")
+    parser.add_argument("--save_every_n_steps", type=int, default=None, help="save a checkpoint every N steps")
+    parser.add_argument("--save_n_epoch_ratio", type=int, default=None, help="save N checkpoints over the run at least")
+    parser.add_argument("--save_last_n_epochs", type=int, default=None, help="keep only the last N epoch checkpoints")
+    parser.add_argument("--save_last_n_epochs_state", type=int, default=None, help="keep only the last N epoch states")
+    parser.add_argument("--save_last_n_steps", type=int, default=None, help="keep checkpoints of the last N steps only")
+    parser.add_argument("--save_last_n_steps_state", type=int, default=None, help="keep states of the last N steps only")
+    parser.add_argument("--save_state", action="store_true", help="save the training state with each checkpoint")
+    parser.add_argument("--save_state_on_train_end", action="store_true", help="save the training state at the end")
+    parser.add_argument("--resume", type=str, default=None, help="resume from a saved state directory")
+    parser.add_argument("--train_batch_size", type=int, default=1, help="batch size")
+    parser.add_argument("--max_token_length", type=int, default=None, choices=[None, 150, 225], help="max token length")
+    parser.add_argument("--mem_eff_attn", action="store_true", help="torch-only; see README")
+    parser.add_argument("--torch_compile", action="store_true", help="torch-only; see README")
+    parser.add_argument("--dynamo_backend", type=str, default="inductor", help="torch-only; ignored")
+    parser.add_argument("--xformers", action="store_true", help="torch-only; see README")
+    parser.add_argument("--sdpa", action="store_true", help="torch-only; see README")
+    parser.add_argument("--vae", type=str, default=None, help="VAE to use instead of the checkpoint's")
+    parser.add_argument("--max_train_steps", type=int, default=1600, help="training steps")
+    parser.add_argument("--max_train_epochs", type=int, default=None, help="training epochs (overrides max_train_steps)")
+    parser.add_argument("--max_data_loader_n_workers", type=int, default=8, help="accepted; batches are built in-process")
+    parser.add_argument("--persistent_data_loader_workers", action="store_true", help="torch-only; see README")
+    parser.add_argument("--seed", type=int, default=None, help="random seed")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="steps to accumulate gradients over")
+    parser.add_argument(
+        "--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"], help="mixed precision"
+    )
+    parser.add_argument("--full_fp16", action="store_true", help="fp16 training including the LoRA weights")
+    parser.add_argument("--full_bf16", action="store_true", help="bf16 training including the LoRA weights")
+    parser.add_argument("--fp8_base", action="store_true", help="not supported; see README")
+    parser.add_argument("--lowram", action="store_true", help="torch-only; see README")
+    parser.add_argument("--highvram", action="store_true", help="torch-only; see README")
+    parser.add_argument("--cpu_offload_checkpointing", action="store_true", help="not supported; see README")
+    parser.add_argument("--deepspeed", action="store_true", help="not supported; see README")
+    parser.add_argument("--logging_dir", type=str, default=None, help="TensorBoard log directory")
+    parser.add_argument("--log_with", type=str, default=None, choices=["tensorboard", "wandb", "all"], help="tracker")
+    parser.add_argument("--log_prefix", type=str, default=None, help="prefix of the log directory name")
+    parser.add_argument("--log_tracker_name", type=str, default=None, help="accepted for compatibility")
+    parser.add_argument("--noise_offset", type=float, default=None, help="noise offset (e.g. 0.1)")
+    parser.add_argument("--noise_offset_random_strength", action="store_true", help="noise offset in [0, noise_offset]")
+    parser.add_argument("--multires_noise_iterations", type=int, default=None, help="multires noise iterations (6-10)")
+    parser.add_argument("--ip_noise_gamma", type=float, default=None, help="input perturbation noise (e.g. 0.1)")
+    parser.add_argument("--ip_noise_gamma_random_strength", action="store_true", help="ip noise gamma in [0, gamma]")
+    parser.add_argument("--multires_noise_discount", type=float, default=0.3, help="multires noise discount")
+    parser.add_argument("--adaptive_noise_scale", type=float, default=None, help="noise offset scaled by |mean latent|")
+    parser.add_argument("--zero_terminal_snr", action="store_true", help="rescale betas to zero terminal SNR")
+    parser.add_argument("--min_timestep", type=int, default=None, help="min timestep (default 0)")
+    parser.add_argument("--max_timestep", type=int, default=None, help="max timestep, exclusive (default 1000)")
+    parser.add_argument(
+        "--loss_type", type=str, default="l2", choices=["l1", "l2", "huber", "smooth_l1"], help="loss function"
+    )
+    parser.add_argument(
+        "--huber_schedule", type=str, default="snr", choices=["constant", "exponential", "snr"], help="huber_c schedule"
+    )
+    parser.add_argument("--huber_c", type=float, default=0.1, help="huber loss parameter")
+    parser.add_argument("--huber_scale", type=float, default=1.0, help="huber loss scale")
+    parser.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight for regularization images")
+    parser.add_argument("--clip_skip", type=int, default=None, help="no effect for SDXL")
+    parser.add_argument("--lowvram", action="store_true", help="accepted for compatibility")
+    parser.add_argument("--compile_cache_dir", type=str, default=None, help="MindSpore graph compile cache directory")
+
+
+def add_config_file_arguments(parser):
+    parser.add_argument("--config_file", type=str, default=None, help="training arguments from a TOML file")
+    parser.add_argument("--output_config", action="store_true", help="write the arguments to --config_file and exit")
+
+
+def read_config_from_file(args, parser):
+    """`--config_file`: flatten the TOML's sections; CLI overrides the file, the file overrides defaults.
+
+    With `--output_config`, write the non-default arguments to the file instead and exit.
+    """
+    if not args.config_file:
+        return args
+    config_path = args.config_file if args.config_file.endswith(".toml") else args.config_file + ".toml"
+    if args.output_config:
+        if os.path.exists(config_path):
+            raise SystemExit(f"--output_config: {config_path} already exists; refusing to overwrite it")
+        skipped = {"config_file", "output_config", "wandb_api_key"}
+        values = {
+            key: value for key, value in vars(args).items()
+            if key not in skipped and value != parser.get_default(key) and value is not None
+        }
+        tmp_path = config_path + ".tmp"
+        with open(tmp_path, "w", encoding="utf-8") as f:
+            toml.dump(values, f)
+        os.replace(tmp_path, config_path)
+        print(f"wrote the arguments to {config_path}")
+        raise SystemExit(0)
+    if not os.path.isfile(config_path):
+        raise SystemExit(f"--config_file: {config_path} not found")
+    try:
+        config = toml.load(config_path)
+    except toml.TomlDecodeError as e:
+        raise SystemExit(f"--config_file {config_path}: invalid TOML ({e})") from e
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(flat) - known)
+    if unknown:
+        raise SystemExit(f"--config_file {config_path}: unknown arguments: {', '.join(unknown)}")
+    explicit = parser.parse_args(namespace=argparse.Namespace(**flat))
+    explicit.config_file = os.path.splitext(config_path)[0]
+    return explicit
+
+
+def handle_torch_only_flags(args, log=print):
+    """Torch-only flags: explained when accepted, an error when they would change results here."""
+    for flag, reason in TORCH_ONLY_ERRORS.items():
+        if getattr(args, flag, False):
+            raise ValueError(f"--{flag}: {reason}")
+    for flag, what_instead in TORCH_ONLY_FLAGS.items():
+        if getattr(args, flag, False):
+            log(f"--{flag}: {what_instead}")
+
+
+def verify_training_args(args):
+    """Upstream's argument checks, as errors that name the flags (raised before any model loads)."""
+    if args.adaptive_noise_scale is not None and args.noise_offset is None:
+        raise ValueError("--adaptive_noise_scale requires --noise_offset")
+    if args.scale_v_pred_loss_like_noise_pred and not args.v_parameterization:
+        raise ValueError("--scale_v_pred_loss_like_noise_pred requires --v_parameterization")
+    if getattr(args, "v_pred_like_loss", None) and args.v_parameterization:
+        raise ValueError("--v_pred_like_loss cannot be used with --v_parameterization")
+    if args.full_fp16 and args.mixed_precision != "fp16":
+        raise ValueError("--full_fp16 requires --mixed_precision fp16")
+    if args.full_bf16 and args.mixed_precision != "bf16":
+        raise ValueError("--full_bf16 requires --mixed_precision bf16")
+    if args.full_fp16 and args.full_bf16:
+        raise ValueError("--full_fp16 and --full_bf16 cannot be used together")
+    if args.cache_latents_to_disk:
+        args.cache_latents = True
+    if args.gradient_accumulation_steps < 1:
+        raise ValueError(f"--gradient_accumulation_steps must be >= 1, got {args.gradient_accumulation_steps}")
+    if args.train_batch_size < 1:
+        raise ValueError(f"--train_batch_size must be >= 1, got {args.train_batch_size}")
+    if args.max_grad_norm is not None and args.max_grad_norm < 0:
+        raise ValueError(f"--max_grad_norm must be >= 0 (0 disables clipping), got {args.max_grad_norm}")
+    min_t = 0 if args.min_timestep is None else args.min_timestep
+    max_t = 1000 if args.max_timestep is None else args.max_timestep
+    if not 0 <= min_t <= max_t <= 1000:
+        raise ValueError(f"--min_timestep/--max_timestep must satisfy 0 <= min <= max <= 1000, got {min_t}, {max_t}")
+    if args.save_model_as not in (None, "safetensors"):
+        raise ValueError(f"--save_model_as {args.save_model_as}: only 'safetensors' is supported (ckpt/pt are torch pickles)")
+    if args.output_dir is None and not args.debug_dataset:
+        raise ValueError("--output_dir is required")
+    if args.zero_terminal_snr and not args.v_parameterization:
+        logger.warning("--zero_terminal_snr without --v_parameterization may give poor results")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoint names (upstream's patterns) and pruning
+
+EPOCH_STATE_NAME = "{}-{:06d}-state"
+STEP_STATE_NAME = "{}-step{:08d}-state"
+LAST_STATE_NAME = "{}-state"
+
+
+def get_epoch_ckpt_name(output_name, epoch, ext=".safetensors"):
+    return f"{output_name or 'epoch'}-{epoch:06d}{ext}"
+
+
+def get_step_ckpt_name(output_name, step, ext=".safetensors"):
+    return f"{output_name or 'at'}-step{step:08d}{ext}"
+
+
+def get_last_ckpt_name(output_name, ext=".safetensors"):
+    return f"{output_name or 'last'}{ext}"
+
+
+def get_remove_epoch_no(args, epoch_no):
+    """The epoch whose checkpoint `--save_last_n_epochs` prunes now, or None."""
+    if args.save_last_n_epochs is None or not args.save_every_n_epochs:
+        return None
+    remove_epoch_no = epoch_no - args.save_every_n_epochs * args.save_last_n_epochs
+    return remove_epoch_no if remove_epoch_no > 0 else None
+
+
+def get_remove_step_no(args, step_no, keep_last_n=None):
+    """The step whose checkpoint `--save_last_n_steps` prunes now, or None."""
+    keep_last_n = args.save_last_n_steps if keep_last_n is None else keep_last_n
+    if keep_last_n is None or not args.save_every_n_steps:
+        return None
+    remove_step_no = step_no - keep_last_n - 1
+    remove_step_no -= remove_step_no % args.save_every_n_steps
+    return remove_step_no if remove_step_no > 0 else None
+
+
+class LossRecorder:
+    """Upstream's moving average: one slot per step of an epoch, overwritten in the next epoch."""
+
+    def __init__(self):
+        self.loss_list = []
+        self.loss_total = 0.0
+
+    def add(self, step: int, loss: float):
+        # upstream indexes by epoch == 0, which fails after a resume into a later epoch
+        if step >= len(self.loss_list):
+            self.loss_list.append(loss)
+        else:
+            self.loss_total -= self.loss_list[step]
+            self.loss_list[step] = loss
+        self.loss_total += loss
+
+    @property
+    def moving_average(self) -> float:
+        return self.loss_total / len(self.loss_list)

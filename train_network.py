@@ -1,0 +1,384 @@
+"""NetworkTrainer: Kohya's LoRA training loop on MindSpore, independent of the model family.
+
+Read `NetworkTrainer.train` top to bottom: arguments -> seed -> datasets -> models -> caches -> network ->
+optimizer and schedule -> graph-mode train step -> epochs and steps -> saves. A model family subclasses the
+trainer (SDXL: `sdxl_train_network.SdxlNetworkTrainer`) and provides the model loading, tokenization, caching
+encoders and `train_step_class`, the cell that runs forward and backward in one compiled graph.
+"""
+
+import argparse
+import importlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")  # before mindspore: see DESIGN.md (oneDNN reference convs)
+
+import mindspore as ms  # noqa: E402
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from library import config_util, custom_train_functions, lr_schedulers, optimizers, sai_model_spec  # noqa: E402
+from library import train_state, train_util  # noqa: E402
+from library.datasets import debug_dataset  # noqa: E402
+from library.lora_metadata import build_training_metadata  # noqa: E402
+from library.noise_sampling import NoiseSampler  # noqa: E402
+from library.training_logger import TrainingLogger  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+class NetworkTrainer:
+    """The generic loop. Subclasses override the hooks below (tuple inputs and outputs, see the seed doc)."""
+
+    vae_scale_factor = 0.18215
+    model_version_metadata = "sd_v1"  # ss_base_model_version
+    train_step_class = None
+
+    # ----- hooks of a model family ---------------------------------------------------------------------------
+
+    def assert_extra_args(self, args, train_dataset_group):
+        pass
+
+    def load_target_model(self, args, weight_dtype):
+        """-> (text_encoders tuple, vae, unet)."""
+        raise NotImplementedError("train_network.py trains SDXL only here: use sdxl_train_network.py")
+
+    def load_tokenizer(self, args):
+        raise NotImplementedError
+
+    def cache_latents(self, args, vae, dataset_group):
+        raise NotImplementedError
+
+    def cache_text_encoder_outputs(self, args, text_encoders, dataset_group, tokenize_strategy):
+        raise NotImplementedError
+
+    def build_train_step(self, args, network, optimizer, text_encoders, vae, unet, dataset_group, weight_dtype):
+        raise NotImplementedError
+
+    def network_targets(self, text_encoders, unet):
+        """(vae, text_encoders list, unet) as create_network expects them."""
+        return None, list(text_encoders), unet
+
+    # ----- the loop --------------------------------------------------------------------------------------------
+
+    def train(self, args):
+        session_id = random.randint(0, 2**32 - 1)
+        training_started_at = time.time()
+        train_util.handle_torch_only_flags(args, logger.info)
+        train_util.verify_training_args(args)
+        config_util.prepare_dataset_args(args)
+        if args.seed is None:
+            args.seed = random.randint(0, 2**32 - 1)
+        set_seed(args.seed)
+
+        # datasets first: a bad config fails before any model loads
+        tokenize_strategy = self.load_tokenizer(args)
+        train_group, _ = config_util.build_dataset_groups(args, tokenize_strategy)
+        if args.debug_dataset:
+            debug_dataset(train_group)
+            return None
+        if len(train_group) == 0:
+            raise ValueError("no training images found: check --train_data_dir / --dataset_config")
+        if args.cache_latents and not train_group.is_latent_cacheable():
+            raise ValueError("when caching latents, either color_aug or random_crop cannot be used")
+        self.assert_extra_args(args, train_group)
+        network_module = import_network_module(args.network_module)
+        net_kwargs = parse_network_args(args.network_args)
+
+        configure_mindspore(args)
+        weight_dtype, save_dtype = prepare_dtype(args)
+        text_encoders, vae, unet = self.load_target_model(args, weight_dtype)
+
+        if args.cache_latents:
+            self.cache_latents(args, vae, train_group)
+        if args.cache_text_encoder_outputs:
+            self.cache_text_encoder_outputs(args, text_encoders, train_group, tokenize_strategy)
+
+        network = self.create_network(args, network_module, net_kwargs, text_encoders, vae, unet)
+        if args.gradient_checkpointing:
+            unet.set_gradient_checkpointing(True)
+            for te in text_encoders:
+                te.set_gradient_checkpointing(True)
+
+        text_encoder_lr = args.text_encoder_lr[0] if isinstance(args.text_encoder_lr, list) else args.text_encoder_lr
+        param_groups, lr_descriptions = network.prepare_optimizer_params(text_encoder_lr, args.unet_lr, args.learning_rate)
+        optimizer_name, optimizer_args, optimizer = optimizers.get_optimizer(args, param_groups)
+
+        # epoch arithmetic as upstream: one optimizer step per gradient_accumulation_steps batches
+        num_batches_per_epoch = len(train_group)
+        num_update_steps_per_epoch = math.ceil(num_batches_per_epoch / args.gradient_accumulation_steps)
+        if args.max_train_epochs is not None:
+            args.max_train_steps = args.max_train_epochs * num_update_steps_per_epoch
+            logger.info("max_train_steps = %d (from --max_train_epochs %d)", args.max_train_steps, args.max_train_epochs)
+        num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+        if args.save_n_epoch_ratio is not None and args.save_n_epoch_ratio > 0:
+            args.save_every_n_epochs = math.floor(num_train_epochs / args.save_n_epoch_ratio) or 1
+        train_group.set_max_train_steps(args.max_train_steps)
+        lr_scheduler = lr_schedulers.get_scheduler_fix(args, optimizer)
+
+        train_step = self.build_train_step(args, network, optimizer, text_encoders, vae, unet, train_group, weight_dtype)
+        noise_sampler = NoiseSampler(args, seed=args.seed)
+
+        global_step, first_epoch = 0, 0
+        if args.resume:
+            global_step, first_epoch = train_state.load_state(
+                args.resume, network, optimizer, lr_scheduler, noise_sampler, num_update_steps_per_epoch
+            )
+            logger.info("resumed from %s at step %d (epoch %d)", args.resume, global_step, first_epoch + 1)
+
+        metadata = build_training_metadata(
+            args, session_id, training_started_at, train_group, network, optimizer_name, optimizer_args,
+            num_batches_per_epoch, num_train_epochs, self.model_version_metadata,
+        )
+        minimum_metadata = {k: metadata[k] for k in sai_model_spec.SS_METADATA_MINIMUM_KEYS if k in metadata}
+        os.makedirs(args.output_dir, exist_ok=True)
+
+        def save_model(file_name, steps, epoch_no, force_sync_upload=False):
+            path = os.path.join(args.output_dir, file_name)
+            md = minimum_metadata if args.no_metadata else metadata
+            md = dict(md)
+            md["ss_training_finished_at"] = str(time.time())
+            md["ss_steps"] = str(steps)
+            md["ss_epoch"] = str(epoch_no)
+            md.update(sai_model_spec.build_metadata_for_lora(args, training_started_at))
+            network.save_weights(path, save_dtype, md)
+            logger.info("saved %s", path)
+            return path
+
+        def remove_model(file_name):
+            path = os.path.join(args.output_dir, file_name)
+            if os.path.exists(path):
+                os.remove(path)
+
+        def save_state(name):
+            train_state.save_state(
+                os.path.join(args.output_dir, name), network, optimizer, lr_scheduler, noise_sampler,
+                epoch=current_epoch, step=global_step,
+            )
+
+        def remove_state(name):
+            shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
+
+        logger.info(
+            "running training: %d images (%d reg), %d batches per epoch, %d epochs, batch size %d, "
+            "gradient accumulation %d, total optimization steps %d",
+            train_group.num_train_images, train_group.num_reg_images, num_batches_per_epoch, num_train_epochs,
+            args.train_batch_size, args.gradient_accumulation_steps, args.max_train_steps,
+        )
+        tracker = TrainingLogger(args)
+        loss_recorder = train_util.LossRecorder()
+        progress = tqdm(total=args.max_train_steps, initial=global_step, desc="steps", smoothing=0)
+        network.set_train(True)
+        output_name = args.output_name
+        current_epoch = first_epoch
+        skip_batches = (global_step - first_epoch * num_update_steps_per_epoch) * args.gradient_accumulation_steps
+
+        for epoch in range(first_epoch, num_train_epochs):
+            current_epoch = epoch
+            train_group.set_current_epoch(epoch + 1)
+            logger.info("epoch %d/%d", epoch + 1, num_train_epochs)
+            for batch_index in range(num_batches_per_epoch):
+                if skip_batches > 0:
+                    skip_batches -= 1
+                    continue
+                train_group.set_current_step(global_step + 1)
+                batch = train_group[batch_index]
+                noise_inputs = noise_sampler.draw(batch_shape_of(batch, train_group))
+                lr_scheduler.apply(optimizer)
+                loss = train_step(*to_tensors(batch), *to_tensors(noise_inputs))
+                loss_value = float(loss[0].asnumpy()) * args.gradient_accumulation_steps
+                if not bool(train_step.sync_gradients.asnumpy()):
+                    continue  # accumulating: no optimizer step yet
+
+                global_step += 1
+                lr_scheduler.step()
+                logs = {"loss/current": loss_value}
+                if args.scale_weight_norms:
+                    keys_scaled, mean_norm, max_norm = network.apply_max_norm_regularization(args.scale_weight_norms)
+                    logs.update({"max_norm/keys_scaled": keys_scaled, "norm/avg_key_norm": mean_norm,
+                                 "max_norm/max_key_norm": max_norm})
+                loss_recorder.add(batch_index, loss_value)
+                logs["loss/average"] = loss_recorder.moving_average
+                logs.update(lr_logs(lr_scheduler.get_last_lr(), lr_descriptions))
+                progress.update(1)
+                progress.set_postfix(avr_loss=f"{loss_recorder.moving_average:.4f}", loss=f"{loss_value:.4f}",
+                                     lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+                tracker.log(logs, global_step)
+
+                if args.save_every_n_steps and global_step % args.save_every_n_steps == 0 and global_step < args.max_train_steps:
+                    save_model(train_util.get_step_ckpt_name(output_name, global_step), global_step, epoch + 1)
+                    if args.save_state:
+                        save_state(train_util.STEP_STATE_NAME.format(output_name or "at", global_step))
+                    remove_no = train_util.get_remove_step_no(args, global_step)
+                    if remove_no is not None:
+                        remove_model(train_util.get_step_ckpt_name(output_name, remove_no))
+                    remove_no = train_util.get_remove_step_no(args, global_step, args.save_last_n_steps_state)
+                    if args.save_state and remove_no is not None:
+                        remove_state(train_util.STEP_STATE_NAME.format(output_name or "at", remove_no))
+                if global_step >= args.max_train_steps:
+                    break
+
+            tracker.log({"loss/epoch_average": loss_recorder.moving_average}, epoch + 1)
+            if global_step >= args.max_train_steps:
+                current_epoch = epoch + 1
+                break
+            if args.save_every_n_epochs and (epoch + 1) % args.save_every_n_epochs == 0 and epoch + 1 < num_train_epochs:
+                current_epoch = epoch + 1
+                save_model(train_util.get_epoch_ckpt_name(output_name, epoch + 1), global_step, epoch + 1)
+                if args.save_state:
+                    save_state(train_util.EPOCH_STATE_NAME.format(output_name or "epoch", epoch + 1))
+                remove_no = train_util.get_remove_epoch_no(args, epoch + 1)
+                if remove_no is not None:
+                    remove_model(train_util.get_epoch_ckpt_name(output_name, remove_no))
+        progress.close()
+        tracker.close()
+
+        if args.save_state or args.save_state_on_train_end:
+            save_state(train_util.LAST_STATE_NAME.format(output_name or "last"))
+        final_path = save_model(train_util.get_last_ckpt_name(output_name), global_step, current_epoch)
+        print(f"LoRA saved to {final_path}")
+        return final_path
+
+    def create_network(self, args, network_module, net_kwargs, text_encoders, vae, unet):
+        """The LoRA network, its cells replaced in place inside the models, optionally loaded from a file."""
+        _, te_list, unet_target = self.network_targets(text_encoders, unet)
+        train_unet = not args.network_train_text_encoder_only
+        train_text_encoder = not args.network_train_unet_only
+        if args.dim_from_weights:
+            if not args.network_weights:
+                raise ValueError("--dim_from_weights requires --network_weights")
+            network, _ = network_module.create_network_from_weights(
+                1.0, args.network_weights, vae, te_list, unet_target, **net_kwargs
+            )
+        else:
+            if args.network_dropout is not None:
+                net_kwargs.setdefault("dropout", args.network_dropout)
+            network = network_module.create_network(
+                1.0, args.network_dim, args.network_alpha, vae, te_list, unet_target,
+                neuron_dropout=args.network_dropout, **net_kwargs,
+            )
+        network.apply_to(te_list, unet_target, train_text_encoder, train_unet)
+        if args.network_weights:
+            missing, unexpected = network.load_weights(args.network_weights)
+            logger.info("loaded %s (missing %d, unexpected %d keys)", args.network_weights, len(missing), len(unexpected))
+        return network
+
+
+# ----- helpers ---------------------------------------------------------------------------------------------------
+
+
+def set_seed(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    ms.set_seed(seed % 2**31)
+
+
+def configure_mindspore(args):
+    """Graph mode on whatever backend this MindSpore build targets; optional compile cache."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    if args.compile_cache_dir:
+        os.makedirs(args.compile_cache_dir, exist_ok=True)
+        ms.set_context(enable_compile_cache=True, compile_cache_path=args.compile_cache_dir)
+
+
+def prepare_dtype(args):
+    """(weight_dtype, save_dtype as numpy dtype or None)."""
+    import ml_dtypes
+
+    weight_dtype = {"no": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[args.mixed_precision]
+    if weight_dtype == ms.bfloat16 and ms.get_context("device_target") == "CPU":
+        raise ValueError("--mixed_precision bf16: MindSpore has no bf16 matmul on CPU; use fp16 or no")
+    save_dtype = {None: None, "float": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16}[args.save_precision]
+    return weight_dtype, save_dtype
+
+
+def import_network_module(name):
+    if name is None:
+        raise ValueError("--network_module is required (networks.lora)")
+    if name != "networks.lora":
+        raise ValueError(f"--network_module {name}: only networks.lora is available in this port (LyCORIS etc. are not)")
+    return importlib.import_module(name)
+
+
+def parse_network_args(network_args):
+    """`--network_args k=v ...` -> dict of strings (split on the first '=', as upstream)."""
+    kwargs = {}
+    for item in network_args or []:
+        if "=" not in item:
+            raise ValueError(f"--network_args: expected key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        kwargs[key.strip()] = value.strip()
+    return kwargs
+
+
+def batch_shape_of(batch, group):
+    """Latent shape (B, 4, h, w) of a batch, from images or cached latents."""
+    first = batch[0]
+    if group.batch_fields[0] == "latents":
+        return first.shape
+    return (first.shape[0], 4, first.shape[2] // 8, first.shape[3] // 8)
+
+
+def to_tensors(arrays):
+    return tuple(ms.Tensor(a) for a in arrays)
+
+
+def lr_logs(lrs, descriptions):
+    """`lr/<description>` per group (upstream's names: lr/textencoder, lr/unet, lr/unet plus, ...)."""
+    logs = {}
+    for i, lr in enumerate(lrs):
+        name = descriptions[i] if i < len(descriptions) and descriptions[i] else f"group{i}"
+        logs[f"lr/{name}"] = float(lr)
+    return logs
+
+
+def setup_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="LoRA training (Kohya-compatible flags)")
+    train_util.add_sd_models_arguments(parser)
+    sai_model_spec.add_model_spec_arguments(parser)
+    train_util.add_dataset_arguments(parser, True, True, True)
+    train_util.add_training_arguments(parser)
+    optimizers.add_optimizer_arguments(parser)
+    config_util.add_config_arguments(parser)
+    train_util.add_config_file_arguments(parser)
+    custom_train_functions.add_custom_train_arguments(parser)
+    add_network_arguments(parser)
+    return parser
+
+
+def add_network_arguments(parser):
+    parser.add_argument("--no_metadata", action="store_true", help="do not save metadata in output model")
+    parser.add_argument("--save_model_as", type=str, default="safetensors", choices=[None, "ckpt", "pt", "safetensors"],
+                        help="format to save the model (safetensors only)")
+    parser.add_argument("--unet_lr", type=float, default=None, help="learning rate for U-Net")
+    parser.add_argument("--text_encoder_lr", type=float, default=None, nargs="*",
+                        help="learning rate for text encoders (the first value is used for both)")
+    parser.add_argument("--network_weights", type=str, default=None, help="pretrained weights for network")
+    parser.add_argument("--network_module", type=str, default=None, help="network module to train (networks.lora)")
+    parser.add_argument("--network_dim", type=int, default=None, help="network dimensions (rank)")
+    parser.add_argument("--network_alpha", type=float, default=1, help="alpha for LoRA weight scaling")
+    parser.add_argument("--network_dropout", type=float, default=None, help="neuron dropout on the LoRA down output")
+    parser.add_argument("--network_args", type=str, default=None, nargs="*", help="additional arguments (k=v)")
+    parser.add_argument("--network_train_unet_only", action="store_true", help="only train U-Net LoRA")
+    parser.add_argument("--network_train_text_encoder_only", action="store_true", help="only train text encoder LoRA")
+    parser.add_argument("--training_comment", type=str, default=None, help="comment stored in the metadata")
+    parser.add_argument("--dim_from_weights", action="store_true", help="dims and alphas from --network_weights")
+    parser.add_argument("--scale_weight_norms", type=float, default=None, help="max-norm regularization (e.g. 1.0)")
+    parser.add_argument("--base_weights", type=str, default=None, nargs="*", help="not supported yet; see README")
+    parser.add_argument("--base_weights_multiplier", type=float, default=None, nargs="*", help="see --base_weights")
+
+
+def main(argv=None):
+    raise SystemExit(
+        "train_network.py trains SD 1.x/2.x models upstream; this port implements SDXL only: use sdxl_train_network.py"
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
