@@ -140,7 +140,7 @@ class SdxlNetworkTrainer(train_network.NetworkTrainer):
                               target_sizes_hw, weight_dtype)
 
     def cache_latents(self, args, vae, dataset_group):
-        vae_dtype = ms.float32 if args.no_half_vae else train_network.prepare_dtype(args)[0]
+        vae_dtype = train_network.vae_dtype_for(args)
 
         def encode(images: np.ndarray) -> np.ndarray:
             mean, logvar = vae.encode(ms.Tensor(images, vae_dtype))
@@ -170,7 +170,7 @@ class SdxlNetworkTrainer(train_network.NetworkTrainer):
             text_encoder_outputs_cached=text_cached,
             train_text_encoder=not args.network_train_unet_only,
             weight_dtype=weight_dtype,
-            vae_dtype=ms.float32 if args.no_half_vae else weight_dtype,
+            vae_dtype=train_network.vae_dtype_for(args),
             vae_scale_factor=self.vae_scale_factor,
             max_grad_norm=args.max_grad_norm or None,  # Kohya's 0 means "no clipping"
             gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -181,7 +181,6 @@ class SdxlNetworkTrainer(train_network.NetworkTrainer):
 def setup_parser():
     parser = train_network.setup_parser()
     sdxl_train_util.add_sdxl_training_arguments(parser)
-    parser.add_argument("--no_half_vae", action="store_true", help="do not use fp16/bf16 VAE in mixed precision")
     return parser
 
 

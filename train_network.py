@@ -26,7 +26,7 @@ from tqdm import tqdm  # noqa: E402
 from library import config_util, custom_train_functions, lr_schedulers, optimizers, sai_model_spec  # noqa: E402
 from library import train_state, train_util  # noqa: E402
 from library.datasets import debug_dataset  # noqa: E402
-from library.lora_metadata import build_training_metadata  # noqa: E402
+from library.lora_metadata import SS_METADATA_MINIMUM_KEYS, build_training_metadata  # noqa: E402
 from library.noise_sampling import NoiseSampler  # noqa: E402
 from library.training_logger import TrainingLogger  # noqa: E402
 
@@ -90,10 +90,18 @@ class NetworkTrainer:
         self.assert_extra_args(args, train_group)
         network_module = import_network_module(args.network_module)
         net_kwargs = parse_network_args(args.network_args)
+        optimizers.resolve_optimizer_type(args)
+        if args.lr_scheduler not in lr_schedulers.SUPPORTED_SCHEDULERS:
+            raise ValueError(f"--lr_scheduler {args.lr_scheduler}: use one of {', '.join(lr_schedulers.SUPPORTED_SCHEDULERS)}")
 
         configure_mindspore(args)
         weight_dtype, save_dtype = prepare_dtype(args)
         text_encoders, vae, unet = self.load_target_model(args, weight_dtype)
+        # base weights in the training dtype (LoRA weights stay fp32 unless --full_fp16/bf16), VAE per --no_half_vae
+        for model in (unet, *text_encoders):
+            cast_parameters(model, weight_dtype)
+        cast_parameters(vae, vae_dtype_for(args))
+        self.text_encoders, self.vae, self.unet = text_encoders, vae, unet  # kept for inspection after train()
 
         if args.cache_latents:
             self.cache_latents(args, vae, train_group)
@@ -101,6 +109,10 @@ class NetworkTrainer:
             self.cache_text_encoder_outputs(args, text_encoders, train_group, tokenize_strategy)
 
         network = self.create_network(args, network_module, net_kwargs, text_encoders, vae, unet)
+        if args.full_fp16 or args.full_bf16:
+            for param in network.get_trainable_params():
+                param.set_dtype(weight_dtype)
+        self.network = network
         if args.gradient_checkpointing:
             unet.set_gradient_checkpointing(True)
             for te in text_encoders:
@@ -136,7 +148,7 @@ class NetworkTrainer:
             args, session_id, training_started_at, train_group, network, optimizer_name, optimizer_args,
             num_batches_per_epoch, num_train_epochs, self.model_version_metadata,
         )
-        minimum_metadata = {k: metadata[k] for k in sai_model_spec.SS_METADATA_MINIMUM_KEYS if k in metadata}
+        minimum_metadata = {k: metadata[k] for k in SS_METADATA_MINIMUM_KEYS if k in metadata}
         os.makedirs(args.output_dir, exist_ok=True)
 
         def save_model(file_name, steps, epoch_no, force_sync_upload=False):
@@ -146,7 +158,7 @@ class NetworkTrainer:
             md["ss_training_finished_at"] = str(time.time())
             md["ss_steps"] = str(steps)
             md["ss_epoch"] = str(epoch_no)
-            md.update(sai_model_spec.build_metadata_for_lora(args, training_started_at))
+            md.update(sai_model_spec.get_sai_model_spec(args, lora=True, timestamp=training_started_at))
             network.save_weights(path, save_dtype, md)
             logger.info("saved %s", path)
             return path
@@ -166,10 +178,10 @@ class NetworkTrainer:
             shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
 
         logger.info(
-            "running training: %d images (%d reg), %d batches per epoch, %d epochs, batch size %d, "
+            "running training: %d images (%d reg), %d batches per epoch, %d epochs, "
             "gradient accumulation %d, total optimization steps %d",
             train_group.num_train_images, train_group.num_reg_images, num_batches_per_epoch, num_train_epochs,
-            args.train_batch_size, args.gradient_accumulation_steps, args.max_train_steps,
+            args.gradient_accumulation_steps, args.max_train_steps,
         )
         tracker = TrainingLogger(args)
         loss_recorder = train_util.LossRecorder()
@@ -190,7 +202,6 @@ class NetworkTrainer:
                 train_group.set_current_step(global_step + 1)
                 batch = train_group[batch_index]
                 noise_inputs = noise_sampler.draw(batch_shape_of(batch, train_group))
-                lr_scheduler.apply(optimizer)
                 loss = train_step(*to_tensors(batch), *to_tensors(noise_inputs))
                 loss_value = float(loss[0].asnumpy()) * args.gradient_accumulation_steps
                 if not bool(train_step.sync_gradients.asnumpy()):
@@ -279,6 +290,12 @@ def set_seed(seed: int):
     ms.set_seed(seed % 2**31)
 
 
+def cast_parameters(model, dtype):
+    for param in model.get_parameters():
+        if param.dtype != dtype:
+            param.set_dtype(dtype)
+
+
 def configure_mindspore(args):
     """Graph mode on whatever backend this MindSpore build targets; optional compile cache."""
     ms.set_context(mode=ms.GRAPH_MODE)
@@ -296,6 +313,11 @@ def prepare_dtype(args):
         raise ValueError("--mixed_precision bf16: MindSpore has no bf16 matmul on CPU; use fp16 or no")
     save_dtype = {None: None, "float": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16}[args.save_precision]
     return weight_dtype, save_dtype
+
+
+def vae_dtype_for(args):
+    """fp32 with --no_half_vae (the SDXL VAE overflows in fp16), else the training dtype."""
+    return ms.float32 if args.no_half_vae else prepare_dtype(args)[0]
 
 
 def import_network_module(name):
@@ -347,6 +369,7 @@ def setup_parser() -> argparse.ArgumentParser:
     optimizers.add_optimizer_arguments(parser)
     config_util.add_config_arguments(parser)
     train_util.add_config_file_arguments(parser)
+    custom_train_functions.add_noise_and_loss_arguments(parser)
     custom_train_functions.add_custom_train_arguments(parser)
     add_network_arguments(parser)
     return parser
@@ -354,6 +377,7 @@ def setup_parser() -> argparse.ArgumentParser:
 
 def add_network_arguments(parser):
     parser.add_argument("--no_metadata", action="store_true", help="do not save metadata in output model")
+    parser.add_argument("--no_half_vae", action="store_true", help="do not use fp16/bf16 VAE in mixed precision")
     parser.add_argument("--save_model_as", type=str, default="safetensors", choices=[None, "ckpt", "pt", "safetensors"],
                         help="format to save the model (safetensors only)")
     parser.add_argument("--unet_lr", type=float, default=None, help="learning rate for U-Net")

@@ -126,6 +126,13 @@ class CLIPTextTransformer(nn.Cell):
 
 
 class _CLIPTextModelBase(nn.Cell):
+    def __init__(self, vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+                 max_position_embeddings, hidden_act, layer_norm_eps):
+        super().__init__()
+        self.text_model = CLIPTextTransformer(vocab_size, hidden_size, intermediate_size, num_hidden_layers,
+                                              num_attention_heads, max_position_embeddings, hidden_act, layer_norm_eps)
+        self.gradient_checkpointing = False
+
     def set_gradient_checkpointing(self, enabled: bool = True):
         """Recompute each encoder layer's activations in the backward pass instead of keeping them.
 
@@ -152,10 +159,8 @@ class CLIPTextModel(_CLIPTextModelBase):
 
     def __init__(self, vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                  num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5):
-        super().__init__()
-        self.text_model = CLIPTextTransformer(vocab_size, hidden_size, intermediate_size, num_hidden_layers,
-                                              num_attention_heads, max_position_embeddings, hidden_act, layer_norm_eps)
-        self.gradient_checkpointing = False
+        super().__init__(vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+                         max_position_embeddings, hidden_act, layer_norm_eps)
 
     def construct(self, input_ids):
         return self.text_model(input_ids)
@@ -171,11 +176,9 @@ class CLIPTextModelWithProjection(_CLIPTextModelBase):
     def __init__(self, vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
                  num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5,
                  projection_dim=1280):
-        super().__init__()
-        self.text_model = CLIPTextTransformer(vocab_size, hidden_size, intermediate_size, num_hidden_layers,
-                                              num_attention_heads, max_position_embeddings, hidden_act, layer_norm_eps)
+        super().__init__(vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+                         max_position_embeddings, hidden_act, layer_norm_eps)
         self.text_projection = dense(hidden_size, projection_dim, bias=False)
-        self.gradient_checkpointing = False
 
     def construct(self, input_ids):
         last_hidden_state, pooled_output, hidden_states = self.text_model(input_ids)

@@ -2,17 +2,15 @@
 
 Everything that runs per step is written with `mindspore.ops` so it can live inside a graph-mode
 train step. Flags are resolved once, in Python, when `DiffusionNoiseAndLoss` is built; the traced
-code only sees constants, tensors and MindSpore random ops (a numpy or `random` draw inside traced
-code would be frozen at compile time).
+code only sees constants and tensors. The random draws (noise, timesteps, offsets, multires levels)
+are made on the host by `library.noise_sampling.NoiseSampler` and passed in, so they are resumable.
 
 Upstream spreads this over `train_util.get_noise_noisy_latents_and_timesteps`,
 `train_util.get_huber_threshold_if_needed`, `train_util.conditional_loss`,
 `NetworkTrainer.post_process_loss` and `custom_train_functions`; the public names are kept.
 
 Order a train step follows (what `DiffusionNoiseAndLoss` wraps):
-    noise = sample_noise(latents)                     # randn (+ offset) (+ multires)
-    timesteps = sample_timesteps(batch_size)
-    noisy_latents = add_noise(latents, noise, timesteps)   # (+ ip_noise_gamma perturbation)
+    noise, noisy_latents, timesteps = noisy_latents_from_draws(latents, draws)  # offset, multires, ip noise
     target = get_target(latents, noise, timesteps)    # noise, or velocity for v-prediction
     loss = compute_loss(model_pred, target, timesteps, loss_weights)
 """
@@ -25,13 +23,6 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 NUM_TRAIN_TIMESTEPS = 1000
-
-# MindSpore seeds every random kernel kind from its own counter that starts at the same value, so
-# the first ops.uniform and the first ops.randint (or dropout) draw from one Philox stream: measured,
-# timesteps from randint were the uniform draws shifted by one. Explicit op seeds with their own
-# residues keep our draws independent of each other and of ops seeded by default.
-_OP_SEED_NORMAL = 101
-_OP_SEED_UNIFORM = 102
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,11 +261,6 @@ class DiffusionNoiseAndLoss:
         # original schedule (and stay finite at t=999) while add_noise uses the fixed one
         self.all_snr = Tensor(snr_from_alphas_cumprod(ddpm_alphas_cumprod()))
 
-        seeded = ms.get_seed() is not None  # explicit op seeds without a global seed would be fixed
-        self.seed_normal = _OP_SEED_NORMAL if seeded else None
-        self.seed_uniform = _OP_SEED_UNIFORM if seeded else None
-        self.zero = Tensor(0.0, ms.float32)
-        self.one = Tensor(1.0, ms.float32)
 
     @classmethod
     def from_args(cls, args):
@@ -301,46 +287,27 @@ class DiffusionNoiseAndLoss:
             debiased_estimation_loss=args.debiased_estimation_loss,
         )
 
-    def _normal(self, shape):
-        return ops.standard_normal(shape, seed=self.seed_normal)
+    def noisy_latents_from_draws(self, latents, draws):
+        """(noise, noisy_latents, timesteps) from host draws laid out as `noise_sampling.NoiseSampler.fields`.
 
-    def _uniform(self, shape):
-        return ops.uniform(shape, self.zero, self.one, seed=self.seed_uniform)
-
-    def sample_noise(self, latents):
-        """Gaussian noise like the latents, with --noise_offset and multires noise applied."""
-        noise = self._normal(latents.shape)
+        draws: noise, timesteps, [offset_noise, offset_strength], [multires_scales, level_0..level_n-1],
+        [ip_noise, ip_strength]; the strengths are U(0,1) draws, or ones without random strength.
+        """
+        noise, timesteps = draws[0], draws[1]
+        i = 2
         if self.noise_offset is not None:
-            offset = self.noise_offset
-            if self.noise_offset_random_strength:
-                offset = self._uniform((1,)) * offset
-            offset_noise = self._normal((latents.shape[0], latents.shape[1], 1, 1))
-            noise = apply_noise_offset(latents.astype(ms.float32), noise, offset, self.adaptive_noise_scale, offset_noise)
+            offset = draws[i + 1] * self.noise_offset
+            noise = apply_noise_offset(latents.astype(ms.float32), noise, offset, self.adaptive_noise_scale, draws[i])
+            i += 2
         if self.multires_noise_iterations:
-            b, c, h, w = latents.shape
-            scales = self._uniform((self.multires_noise_iterations,)) * 2.0 + 2.0
-            level_noises = ()
-            for size in pyramid_level_sizes(h, w, self.multires_noise_iterations):
-                level_noises += (self._normal((b, c) + size),)
-            noise = pyramid_noise_like(noise, scales, level_noises, self.multires_noise_discount)
-        return noise.astype(latents.dtype)
-
-    def sample_timesteps(self, batch_size):
-        """int32 timesteps uniform in [min_timestep, max_timestep); all max_timestep if min >= max."""
-        if self.min_timestep >= self.max_timestep:
-            return ops.fill(ms.int32, (batch_size,), self.max_timestep)
-        span = float(self.max_timestep - self.min_timestep)
-        t = ops.floor(self._uniform((batch_size,)) * span) + float(self.min_timestep)
-        return ops.cast(ops.minimum(t, float(self.max_timestep - 1)), ms.int32)
-
-    def add_noise(self, latents, noise, timesteps):
-        """Noisy latents; --ip_noise_gamma perturbs the noise used here but not the target."""
+            levels = draws[i + 1 : i + 1 + self.multires_noise_iterations]
+            noise = pyramid_noise_like(noise, draws[i], levels, self.multires_noise_discount)
+            i += 1 + self.multires_noise_iterations
+        noise = noise.astype(latents.dtype)
+        perturbed = noise
         if self.ip_noise_gamma is not None:
-            strength = self.ip_noise_gamma
-            if self.ip_noise_gamma_random_strength:
-                strength = self._uniform((1,)) * strength
-            noise = noise + (strength * self._normal(latents.shape)).astype(noise.dtype)
-        return ddpm_add_noise(latents, noise, timesteps, self.alphas_cumprod)
+            perturbed = noise + (draws[i + 1] * self.ip_noise_gamma * draws[i]).astype(noise.dtype)
+        return noise, ddpm_add_noise(latents, perturbed, timesteps, self.alphas_cumprod), timesteps
 
     def get_target(self, latents, noise, timesteps):
         if self.v_parameterization:
@@ -390,10 +357,9 @@ def verify_noise_and_loss_args(args):
     max_t = NUM_TRAIN_TIMESTEPS if args.max_timestep is None else args.max_timestep
     if not 0 <= min_t <= NUM_TRAIN_TIMESTEPS or not 0 <= max_t <= NUM_TRAIN_TIMESTEPS:
         raise ValueError(f"--min_timestep and --max_timestep must lie in [0, {NUM_TRAIN_TIMESTEPS}]; got {min_t}, {max_t}")
-    if min_t >= max_t:
-        # upstream silently uses max_timestep for every sample then; max_t == 1000 would index past the table
-        if max_t >= NUM_TRAIN_TIMESTEPS:
-            raise ValueError(f"--max_timestep must be < {NUM_TRAIN_TIMESTEPS} when --min_timestep >= --max_timestep")
+    if min_t >= max_t == NUM_TRAIN_TIMESTEPS:
+        # min >= max means every sample uses max_timestep, and t=1000 would index past the schedule
+        raise ValueError(f"--max_timestep must be < {NUM_TRAIN_TIMESTEPS} when --min_timestep >= --max_timestep")
     if args.loss_type in ("huber", "smooth_l1") and args.huber_schedule == "exponential" and not args.huber_c > 0:
         raise ValueError(f"--huber_schedule exponential needs --huber_c > 0; got {args.huber_c}")
 

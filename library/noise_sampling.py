@@ -65,3 +65,4 @@ class NoiseSampler:
 
     def load_state_dict(self, state):
         self.rng.bit_generator.state = state["bit_generator"]
+

@@ -53,10 +53,6 @@ def timestep_embedding(timesteps, dim: int, max_period: int = 10000):
     return embedding
 
 
-def _flash_attention_available() -> bool:
-    return ms.get_context("device_target") == "Ascend"
-
-
 class CrossAttention(nn.Cell):
     """Multi-head attention; self-attention when `context_dim` is None. Only the output projection has a bias."""
 
@@ -155,7 +151,8 @@ class ResnetBlock2D(nn.Cell):
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, num_groups: int = 32):
         super().__init__()
         self.in_layers = nn.SequentialCell([
-            layers.GroupNorm(num_groups, in_channels), nn.SiLU(), layers.conv2d(in_channels, out_channels, 3, padding=1)])
+            layers.GroupNorm(num_groups, in_channels), nn.SiLU(),
+            layers.conv2d(in_channels, out_channels, 3, padding=1)])
         self.emb_layers = nn.SequentialCell([nn.SiLU(), layers.dense(emb_channels, out_channels)])
         self.out_layers = nn.SequentialCell([
             layers.GroupNorm(num_groups, out_channels), nn.SiLU(), layers.Identity(),  # Identity: SGM's Dropout(0)
@@ -296,9 +293,10 @@ class SdxlUNet2DConditionModel(nn.Cell):
     def set_use_flash_attention(self, enabled: bool) -> bool:
         """Use Ascend's fused flash attention in every attention layer; returns whether it is on.
 
-        Only Ascend has the kernel: elsewhere a request is logged and the portable attention stays.
+        Only Ascend has the kernel: elsewhere a request is logged and the portable attention stays. Call it before
+        the first forward: a compiled graph keeps the path it was traced with.
         """
-        if enabled and not _flash_attention_available():
+        if enabled and ms.get_context("device_target") != "Ascend":
             logger.warning("flash attention needs an Ascend device (target is %s); using standard attention",
                            ms.get_context("device_target"))
             enabled = False

@@ -17,17 +17,10 @@ import os
 import random
 import shutil
 
-import mindspore as ms
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
 TRAIN_STATE_FILE = "train_state.json"
-
-
-def optimizer_state(optimizer, network) -> dict:
-    """The optimizer's own Parameters (not the weights it trains), by name."""
-    trained = {id(p) for p in network.trainable_params()}
-    return {name: p for name, p in optimizer.parameters_and_names() if id(p) not in trained}
 
 
 def save_state(state_dir, network, optimizer, lr_scheduler, noise_sampler, epoch: int, step: int):
@@ -35,7 +28,7 @@ def save_state(state_dir, network, optimizer, lr_scheduler, noise_sampler, epoch
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
     network.save_weights(os.path.join(tmp_dir, "model.safetensors"), None, {})
-    tensors = {name: np.ascontiguousarray(p.asnumpy()) for name, p in optimizer_state(optimizer, network).items()}
+    tensors = {name: np.ascontiguousarray(value) for name, value in optimizer.state_dict().items()}
     save_file(tensors, os.path.join(tmp_dir, "optimizer.safetensors"))
     write_json(os.path.join(tmp_dir, "scheduler.json"), lr_scheduler.state_dict())
     write_json(
@@ -68,15 +61,10 @@ def load_state(state_dir, network, optimizer, lr_scheduler, noise_sampler, num_u
             f"--resume {state_dir}: the saved network does not match this run's network "
             f"(missing {len(missing_keys)}, unexpected {len(unexpected_keys)} keys); use the same network flags"
         )
-    saved = load_file(os.path.join(state_dir, "optimizer.safetensors"))
-    current = optimizer_state(optimizer, network)
-    if set(saved) != set(current):
-        diff = sorted(set(saved) ^ set(current))
-        raise ValueError(f"--resume {state_dir}: optimizer state does not match this optimizer: {', '.join(diff[:10])}")
-    for name, param in current.items():
-        if tuple(saved[name].shape) != tuple(param.shape):
-            raise ValueError(f"--resume {state_dir}: optimizer state '{name}' has shape {saved[name].shape}, expected {param.shape}")
-        param.set_data(ms.Tensor(saved[name], param.dtype))
+    try:
+        optimizer.load_state_dict(load_file(os.path.join(state_dir, "optimizer.safetensors")))
+    except ValueError as e:
+        raise ValueError(f"--resume {state_dir}: {e}; use the same --optimizer_type and network flags") from e
     lr_scheduler.load_state_dict(read_json(os.path.join(state_dir, "scheduler.json")))
     random_states = read_json(os.path.join(state_dir, "random_states.json"))
     noise_sampler.load_state_dict(random_states["noise_sampler"])

@@ -7,6 +7,7 @@ import os
 
 import toml
 
+from library import custom_train_functions
 from library.bucketing import INTERPOLATIONS
 
 logger = logging.getLogger(__name__)
@@ -190,24 +191,6 @@ def add_training_arguments(parser):
     parser.add_argument("--log_with", type=str, default=None, choices=["tensorboard", "wandb", "all"], help="tracker")
     parser.add_argument("--log_prefix", type=str, default=None, help="prefix of the log directory name")
     parser.add_argument("--log_tracker_name", type=str, default=None, help="accepted for compatibility")
-    parser.add_argument("--noise_offset", type=float, default=None, help="noise offset (e.g. 0.1)")
-    parser.add_argument("--noise_offset_random_strength", action="store_true", help="noise offset in [0, noise_offset]")
-    parser.add_argument("--multires_noise_iterations", type=int, default=None, help="multires noise iterations (6-10)")
-    parser.add_argument("--ip_noise_gamma", type=float, default=None, help="input perturbation noise (e.g. 0.1)")
-    parser.add_argument("--ip_noise_gamma_random_strength", action="store_true", help="ip noise gamma in [0, gamma]")
-    parser.add_argument("--multires_noise_discount", type=float, default=0.3, help="multires noise discount")
-    parser.add_argument("--adaptive_noise_scale", type=float, default=None, help="noise offset scaled by |mean latent|")
-    parser.add_argument("--zero_terminal_snr", action="store_true", help="rescale betas to zero terminal SNR")
-    parser.add_argument("--min_timestep", type=int, default=None, help="min timestep (default 0)")
-    parser.add_argument("--max_timestep", type=int, default=None, help="max timestep, exclusive (default 1000)")
-    parser.add_argument(
-        "--loss_type", type=str, default="l2", choices=["l1", "l2", "huber", "smooth_l1"], help="loss function"
-    )
-    parser.add_argument(
-        "--huber_schedule", type=str, default="snr", choices=["constant", "exponential", "snr"], help="huber_c schedule"
-    )
-    parser.add_argument("--huber_c", type=float, default=0.1, help="huber loss parameter")
-    parser.add_argument("--huber_scale", type=float, default=1.0, help="huber loss scale")
     parser.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight for regularization images")
     parser.add_argument("--clip_skip", type=int, default=None, help="no effect for SDXL")
     parser.add_argument("--lowvram", action="store_true", help="accepted for compatibility")
@@ -274,12 +257,7 @@ def handle_torch_only_flags(args, log=print):
 
 def verify_training_args(args):
     """Upstream's argument checks, as errors that name the flags (raised before any model loads)."""
-    if args.adaptive_noise_scale is not None and args.noise_offset is None:
-        raise ValueError("--adaptive_noise_scale requires --noise_offset")
-    if args.scale_v_pred_loss_like_noise_pred and not args.v_parameterization:
-        raise ValueError("--scale_v_pred_loss_like_noise_pred requires --v_parameterization")
-    if getattr(args, "v_pred_like_loss", None) and args.v_parameterization:
-        raise ValueError("--v_pred_like_loss cannot be used with --v_parameterization")
+    custom_train_functions.verify_noise_and_loss_args(args)
     if args.full_fp16 and args.mixed_precision != "fp16":
         raise ValueError("--full_fp16 requires --mixed_precision fp16")
     if args.full_bf16 and args.mixed_precision != "bf16":
@@ -294,10 +272,6 @@ def verify_training_args(args):
         raise ValueError(f"--train_batch_size must be >= 1, got {args.train_batch_size}")
     if args.max_grad_norm is not None and args.max_grad_norm < 0:
         raise ValueError(f"--max_grad_norm must be >= 0 (0 disables clipping), got {args.max_grad_norm}")
-    min_t = 0 if args.min_timestep is None else args.min_timestep
-    max_t = 1000 if args.max_timestep is None else args.max_timestep
-    if not 0 <= min_t <= max_t <= 1000:
-        raise ValueError(f"--min_timestep/--max_timestep must satisfy 0 <= min <= max <= 1000, got {min_t}, {max_t}")
     if args.save_model_as not in (None, "safetensors"):
         raise ValueError(f"--save_model_as {args.save_model_as}: only 'safetensors' is supported (ckpt/pt are torch pickles)")
     if args.output_dir is None and not args.debug_dataset:

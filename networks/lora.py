@@ -213,26 +213,34 @@ def _find_sites(root: nn.Cell, prefix: str, target_classes: Sequence[str]) -> Li
     return sites
 
 
-def _text_encoder_prefixes(text_encoders) -> List[str]:
-    if len(text_encoders) == 1:
-        return [LORA_PREFIX_TEXT_ENCODER]
-    if len(text_encoders) == 2:
-        return [LORA_PREFIX_TEXT_ENCODER1, LORA_PREFIX_TEXT_ENCODER2]
-    raise ValueError(f"expected one or two text encoders, got {len(text_encoders)}")
-
-
 def _as_list(text_encoders) -> list:
     if text_encoders is None:
         return []
     return list(text_encoders) if isinstance(text_encoders, (list, tuple)) else [text_encoders]
 
 
-def _put(parent: nn.Cell, key: str, cell: nn.Cell):
-    # a SequentialCell caches its children, so indexed slots must go through __setitem__
-    if isinstance(parent, (nn.SequentialCell, nn.CellList)):
-        parent[int(key)] = cell
-    else:
-        setattr(parent, key, cell)
+def _text_encoder_sites(text_encoders) -> List[_Site]:
+    """Sites of one (`lora_te_...`) or two (SDXL: `lora_te1_...`, `lora_te2_...`) text encoders."""
+    text_encoders = _as_list(text_encoders)
+    if len(text_encoders) > 2:
+        raise ValueError(f"expected one or two text encoders, got {len(text_encoders)}")
+    prefixes = [LORA_PREFIX_TEXT_ENCODER] if len(text_encoders) == 1 else [LORA_PREFIX_TEXT_ENCODER1,
+                                                                           LORA_PREFIX_TEXT_ENCODER2]
+    sites = []
+    for prefix, text_encoder in zip(prefixes, text_encoders):
+        sites += _find_sites(text_encoder, prefix, TEXT_ENCODER_TARGET_REPLACE_MODULE)
+    return sites
+
+
+def _unet_sites(unet, with_conv: bool) -> List[_Site]:
+    if unet is None:
+        return []
+    targets = UNET_TARGET_REPLACE_MODULE + (UNET_TARGET_REPLACE_MODULE_CONV2D_3X3 if with_conv else ())
+    return _find_sites(unet, LORA_PREFIX_UNET, targets)
+
+
+def _models(text_encoders, unet) -> list:
+    return _as_list(text_encoders) + ([unet] if unet is not None else [])
 
 
 def _parameter_prefix(layer: nn.Cell) -> str:
@@ -242,9 +250,23 @@ def _parameter_prefix(layer: nn.Cell) -> str:
 
 
 def _rename_parameters(cell: nn.Cell, prefix: str):
-    # assigning a cell renames its parameters relative to the parent only; restore unique full names
     for name, param in cell.parameters_and_names():
         param.name = prefix + name
+
+
+def _place(parent: nn.Cell, key: str, cell: nn.Cell, prefix: str):
+    """Put `cell` in `parent`'s slot `key`, its parameters named `prefix + path` (unique in the whole model).
+
+    Assigning a cell renames its parameters relative to the parent only, and a SequentialCell infers that
+    prefix from its children's names, so the full names are set both before and after. A SequentialCell
+    also caches its children: indexed slots must go through __setitem__.
+    """
+    _rename_parameters(cell, prefix)
+    if isinstance(parent, (nn.SequentialCell, nn.CellList)):
+        parent[int(key)] = cell
+    else:
+        setattr(parent, key, cell)
+    _rename_parameters(cell, prefix)
 
 
 def original_parameter_name(name: str) -> str:
@@ -304,8 +326,8 @@ class LoRANetwork(nn.Cell):
         self.loraplus_unet_lr_ratio = None
         self.loraplus_text_encoder_lr_ratio = None
         self.block_lr_weight = None
-        text_encoders = _as_list(text_encoders)
         self._sites: Dict[str, _Site] = {}
+        self._model_ids = ([id(m) for m in _as_list(text_encoders)], id(unet) if unet is not None else None)
 
         def dim_and_alpha(site: _Site, is_unet: bool):
             if modules_dim is not None:
@@ -341,31 +363,25 @@ class LoRANetwork(nn.Cell):
                                + ", ".join(skipped))
             return loras
 
-        models = text_encoders + ([unet] if unet is not None else [])
-        for model in models:  # freeze before the LoRA parameters exist
+        for model in _models(text_encoders, unet):  # freeze before the LoRA parameters exist
             for param in model.get_parameters():
                 param.requires_grad = False
 
-        te_sites = []
-        for prefix, text_encoder in zip(_text_encoder_prefixes(text_encoders) if text_encoders else [], text_encoders):
-            te_sites += _find_sites(text_encoder, prefix, TEXT_ENCODER_TARGET_REPLACE_MODULE)
-        self.text_encoder_loras = create(te_sites, is_unet=False)
+        self.text_encoder_loras = create(_text_encoder_sites(text_encoders), is_unet=False)
         logger.info(f"create LoRA for Text Encoder: {len(self.text_encoder_loras)} modules.")
-
-        unet_targets = UNET_TARGET_REPLACE_MODULE
-        if modules_dim is not None or conv_lora_dim or conv_block_dims is not None:
-            unet_targets = unet_targets + UNET_TARGET_REPLACE_MODULE_CONV2D_3X3
-        unet_sites = _find_sites(unet, LORA_PREFIX_UNET, unet_targets) if unet is not None else []
-        self.unet_loras = create(unet_sites, is_unet=True)
+        with_conv = modules_dim is not None or bool(conv_lora_dim) or conv_block_dims is not None
+        self.unet_loras = create(_unet_sites(unet, with_conv), is_unet=True)
         logger.info(f"create LoRA for U-Net: {len(self.unet_loras)} modules.")
 
     def _install(self, site: _Site, lora: LoRAModule, prefix: str) -> LoRAModule:
         if site.lora_name in self._sites:
             raise ValueError(f"duplicated LoRA name: {site.lora_name}")
-        # full names before too: a SequentialCell infers its own prefix from its children's parameter names
-        _rename_parameters(lora, prefix)
-        _put(site.parent, site.key, lora)
-        _rename_parameters(lora, prefix)
+        _place(site.parent, site.key, lora, prefix)
+        # the LoRA's own parameters are named by the Kohya key: unique even where two models share layer paths
+        # (both text encoders have `text_model.encoder.layers.0...`), as an optimizer's ParameterTuple requires
+        for key, param in (("lora_down.weight", lora.lora_down.weight), ("lora_up.weight", lora.lora_up.weight),
+                           ("alpha", lora.alpha), ("multiplier", lora.multiplier)):
+            param.name = f"{site.lora_name}.{key}"
         self.insert_child_to_cell(site.lora_name, lora)
         self._sites[site.lora_name] = site
         return lora
@@ -373,21 +389,25 @@ class LoRANetwork(nn.Cell):
     def _uninstall(self, lora: LoRAModule):
         site = self._sites.pop(lora.lora_name)
         prefix = _parameter_prefix(lora.org_module)[:-len(ORG_MODULE) - 1]
-        _rename_parameters(lora.org_module, prefix)
-        _put(site.parent, site.key, lora.org_module)
-        _rename_parameters(lora.org_module, prefix)
+        _place(site.parent, site.key, lora.org_module, prefix)
         delattr(self, lora.lora_name)
 
     @property
     def loras(self) -> List[LoRAModule]:
         return self.text_encoder_loras + self.unet_loras
 
-    def apply_to(self, *, apply_text_encoder: bool = True, apply_unet: bool = True):
+    def apply_to(self, text_encoders=None, unet=None, apply_text_encoder: bool = True, apply_unet: bool = True):
         """Keep the LoRA layers of only the text encoders or only the UNet (`--network_train_*_only`).
 
-        The layers are placed when the network is built; this takes the disabled part out again (restoring the
-        original layers), so it trains nothing there and saves no keys for it. Call it before compiling.
+        Upstream's signature, different meaning: the layers were already placed in the models given when the network
+        was built (`text_encoders`/`unet`, if passed, must be those); this takes the disabled part out again
+        (restoring the original layers), so it trains nothing there and saves no keys for it. Call it before
+        compiling.
         """
+        if (text_encoders is not None and [id(m) for m in _as_list(text_encoders)] != self._model_ids[0]) or (
+                unet is not None and id(unet) != self._model_ids[1]):
+            raise ValueError("apply_to: these are not the models the network was built on (its LoRA layers are "
+                             "placed in those at construction)")
         if not apply_text_encoder:
             for lora in self.text_encoder_loras:
                 self._uninstall(lora)
@@ -437,9 +457,9 @@ class LoRANetwork(nn.Cell):
                 plain.append(lora.lora_down.weight)
                 (plus if ratio is not None else plain).append(lora.lora_up.weight)
             for params, is_plus in ((plain, False), (plus, True)):
-                group_lr = None if lr is None else (lr * ratio if is_plus else lr)
                 if not params:
                     continue
+                group_lr = None if lr is None else (lr * ratio if is_plus else lr)
                 if not group_lr:
                     logger.info(f"lr of '{label}' is {group_lr}: its parameters are not trained")
                     continue
@@ -560,13 +580,7 @@ class LoRAMerger:
 
     def __init__(self, text_encoders, unet, multiplier: float, modules_dim: Dict[str, int]):
         self.multiplier = float(multiplier)
-        text_encoders = _as_list(text_encoders)
-        sites = []
-        for prefix, text_encoder in zip(_text_encoder_prefixes(text_encoders) if text_encoders else [], text_encoders):
-            sites += _find_sites(text_encoder, prefix, TEXT_ENCODER_TARGET_REPLACE_MODULE)
-        if unet is not None:
-            sites += _find_sites(unet, LORA_PREFIX_UNET,
-                                 UNET_TARGET_REPLACE_MODULE + UNET_TARGET_REPLACE_MODULE_CONV2D_3X3)
+        sites = _text_encoder_sites(text_encoders) + _unet_sites(unet, with_conv=True)
         self.targets = {site.lora_name: site.layer for site in sites if site.lora_name in modules_dim}
 
     def set_multiplier(self, multiplier: float):

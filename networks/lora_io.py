@@ -68,7 +68,7 @@ def write_lora_file(path: str, tensors: Dict[str, np.ndarray], metadata: Dict[st
     for key, value in metadata.items():
         if not isinstance(value, str):
             raise TypeError(f"metadata '{key}' must be a str (safetensors stores strings), got {type(value).__name__}")
-    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    tensors = {k: np.asarray(v, order="C") for k, v in tensors.items()}  # (ascontiguousarray makes 0-d 1-d)
     model_hash, legacy_hash = precalculate_safetensors_hashes(tensors, metadata)
     metadata["sshs_model_hash"] = model_hash
     metadata["sshs_legacy_hash"] = legacy_hash

@@ -7,3 +7,8 @@ os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 os.environ.setdefault("GLOG_v", "3")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import mindspore as ms  # noqa: E402
+
+# asynchronous PyNative on CPU is ~10x slower for our small ops (see DESIGN.md)
+ms.set_context(pynative_synchronize=True)

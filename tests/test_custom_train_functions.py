@@ -199,47 +199,37 @@ def test_compute_loss_pipeline():
     assert float(out) == pytest.approx(per.mean(), rel=1e-4)
 
 
-class _Step(nn.Cell):
+class _FromDraws(nn.Cell):
     def __init__(self, helper):
         super().__init__()
         self.helper = helper
 
     @ms.jit
-    def construct(self, latents):
-        noise = self.helper.sample_noise(latents)
-        t = self.helper.sample_timesteps(latents.shape[0])
-        noisy = self.helper.add_noise(latents, noise, t)
-        return noise, t, noisy, self.helper.get_target(latents, noise, t)
+    def construct(self, latents, *draws):
+        return self.helper.noisy_latents_from_draws(latents, draws)
 
 
-def test_graph_mode_draws_differ_between_calls():
-    ms.set_seed(1)
-    helper = ctf.DiffusionNoiseAndLoss(noise_offset=0.1, noise_offset_random_strength=True, adaptive_noise_scale=0.05,
-                                       multires_noise_iterations=6, ip_noise_gamma=0.1,
-                                       ip_noise_gamma_random_strength=True, min_timestep=100, max_timestep=300)
-    step = _Step(helper)
-    latents = t32(RNG.standard_normal((16, 4, 16, 16)))
-    first = [o.asnumpy() for o in step(latents)]
-    second = [o.asnumpy() for o in step(latents)]
-    noise, t, noisy, target = first
-    assert not np.allclose(noise, second[0]) and not np.array_equal(t, second[1])
-    assert t.dtype == np.int32 and t.min() >= 100 and t.max() < 300
-    assert noise.std(ddof=1) == pytest.approx(1.0, abs=1e-4)  # multires noise is rescaled to unit std
-    np.testing.assert_array_equal(target, noise)  # epsilon target is the noise without the ip perturbation
+def test_noisy_latents_from_host_draws():
+    helper = ctf.DiffusionNoiseAndLoss(noise_offset=0.1, adaptive_noise_scale=0.05, multires_noise_iterations=3,
+                                       ip_noise_gamma=0.2)
+    b, c, h, w = 2, 3, 8, 6
+    latents = RNG.standard_normal((b, c, h, w)).astype(np.float32)
+    noise = RNG.standard_normal(latents.shape).astype(np.float32)
+    t = np.array([10, 900], dtype=np.int32)
+    offset_noise, offset_strength = RNG.standard_normal((b, c, 1, 1)).astype(np.float32), np.float32([0.5])
+    scales = np.float32([2.5, 3.1, 2.2])
+    levels = [RNG.standard_normal((b, c) + s).astype(np.float32) for s in ctf.pyramid_level_sizes(h, w, 3)]
+    ip_noise, ip_strength = RNG.standard_normal(latents.shape).astype(np.float32), np.float32([0.7])
+    draws = [noise, t, offset_noise, offset_strength, scales, *levels, ip_noise, ip_strength]
+    out_noise, noisy, out_t = (o.asnumpy() for o in _FromDraws(helper)(t32(latents), *(Tensor(d) for d in draws)))
+
+    offset = 0.05 + 0.05 * np.abs(latents.mean(axis=(2, 3), keepdims=True))  # 0.5 * 0.1 + adaptive
+    expected_noise = ref_pyramid(noise + offset * offset_noise, scales, levels, 0.3)
+    np.testing.assert_allclose(out_noise, expected_noise, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(out_t, t)
     a = AC[t].reshape(-1, 1, 1, 1)
-    clean = np.sqrt(a) * latents.asnumpy() + np.sqrt(1 - a) * noise
-    assert 0 < np.abs(noisy - clean).max()  # the ip_noise_gamma perturbation went into the noisy latents
-
-
-def test_timesteps_and_plain_noise_statistics():
-    ms.set_seed(2)
-    helper = ctf.DiffusionNoiseAndLoss()
-    t = helper.sample_timesteps(20000).asnumpy()
-    assert t.min() == 0 and t.max() == 999 and abs(t.mean() - 499.5) < 8
-    noise = helper.sample_noise(t32(np.zeros((8, 4, 32, 32)))).asnumpy()
-    assert abs(noise.mean()) < 0.02 and noise.std() == pytest.approx(1.0, abs=0.02)
-    fixed = ctf.DiffusionNoiseAndLoss(min_timestep=400, max_timestep=400).sample_timesteps(3).asnumpy()
-    np.testing.assert_array_equal(fixed, [400, 400, 400])
+    expected_noisy = np.sqrt(a) * latents + np.sqrt(1 - a) * (expected_noise + 0.7 * 0.2 * ip_noise)
+    np.testing.assert_allclose(noisy, expected_noisy, rtol=1e-4, atol=1e-5)
 
 
 def _parse(argv):
@@ -260,6 +250,7 @@ def test_arguments_and_checks():
         (["--scale_v_pred_loss_like_noise_pred"], "only with v_parameterization"),
         (["--v_pred_like_loss", "0.1", "--v_parameterization"], "cannot be enabled with v_parameterization"),
         (["--max_timestep", "1001"], "--max_timestep"),
+        (["--min_timestep", "1000"], "must be < 1000"),
     ]:
         with pytest.raises(ValueError, match=message):
             ctf.verify_noise_and_loss_args(_parse(argv))

@@ -12,7 +12,8 @@ import pytest
 from mindspore import nn
 from mindspore.nn.utils import no_init_parameters
 
-from library.sdxl_original_unet import BasicTransformerBlock, SdxlUNet2DConditionModel, Upsample2D, timestep_embedding
+from library.sdxl_original_unet import (SDXL_BASE_UNET_CONFIG, BasicTransformerBlock, SdxlUNet2DConditionModel,
+                                        Upsample2D, timestep_embedding)
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -34,7 +35,7 @@ def load_config(name):
 @pytest.fixture(scope="module")
 def sdxl_unet():
     with no_init_parameters():  # shapes only: the 2.6B weights are never allocated
-        return SdxlUNet2DConditionModel.from_config(load_config("sdxl_base.json"))
+        return SdxlUNet2DConditionModel()
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,11 @@ def sdxl_shapes(sdxl_unet):
 
 def test_sdxl_base_parameter_count(sdxl_shapes):
     assert sum(math.prod(s) for s in sdxl_shapes.values()) == 2_567_463_684
+
+
+def test_sdxl_base_config_file_is_the_default():
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in load_config("sdxl_base.json").items()}
+    assert config == SDXL_BASE_UNET_CONFIG
 
 
 def test_sdxl_base_key_families(sdxl_shapes):

@@ -1,0 +1,204 @@
+"""End-to-end SDXL LoRA training on the tiny model, in graph mode: loss, files, resume, flags."""
+
+import hashlib
+import json
+import os
+import re
+
+import mindspore as ms
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors import safe_open
+
+import sdxl_train_network
+from library.custom_train_functions import ddpm_alphas_cumprod
+from networks.lora import base_state_dict
+from tools.make_tiny_checkpoint import make_tiny_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    ckpt = root / "tiny.safetensors"
+    make_tiny_checkpoint(str(ckpt), seed=7)
+    image_dir = root / "data" / "2_sks"
+    image_dir.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        # smooth random pictures: a colour gradient per image
+        y, x = np.mgrid[0:64, 0:64] / 63.0
+        colour = rng.uniform(0, 1, (3,))
+        pixels = np.stack([x * colour[0], y * colour[1], (1 - x) * colour[2]], axis=-1)
+        Image.fromarray((pixels * 255).astype(np.uint8)).save(image_dir / f"img{i}.png")
+        (image_dir / f"img{i}.txt").write_text(f"sks picture number {i}")
+    return root, str(ckpt), str(root / "data")
+
+
+def parse(workspace, output_dir, *extra):
+    _, ckpt, data_dir = workspace
+    return sdxl_train_network.setup_parser().parse_args([
+        "--pretrained_model_name_or_path", ckpt, "--train_data_dir", data_dir, "--resolution", "64",
+        "--caption_extension", ".txt", "--network_module", "networks.lora", "--network_dim", "4",
+        "--network_alpha", "2", "--output_dir", str(output_dir), "--output_name", "lora", "--seed", "11",
+        *extra,
+    ])
+
+
+def read_lora(path):
+    with safe_open(path, framework="np") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def expected_lora_names(ckpt_path, with_text_encoders=True):
+    """Kohya's module names, derived from the checkpoint's key layout (independent of networks.lora)."""
+    with safe_open(ckpt_path, framework="np") as f:
+        keys = list(f.keys())
+    names = set()
+    unet = re.compile(r"model\.diffusion_model\.(.*(?:attn[12]\.to_(?:q|k|v|out\.0)|ff\.net\.(?:0\.proj|2)|proj_in|proj_out))\.weight$")
+    te1 = re.compile(r"conditioner\.embedders\.0\.transformer\.(text_model\.encoder\.layers\.\d+\.(?:self_attn\.[qkvo]\w*_proj|mlp\.fc[12]))\.weight$")
+    te2 = re.compile(r"conditioner\.embedders\.1\.model\.transformer\.resblocks\.(\d+)\.attn\.in_proj_weight$")
+    for key in keys:
+        if m := unet.match(key):
+            names.add("lora_unet_" + m.group(1).replace(".", "_"))
+        if with_text_encoders and (m := te1.match(key)):
+            names.add("lora_te1_" + m.group(1).replace(".", "_"))
+        if with_text_encoders and (m := te2.match(key)):
+            prefix = f"lora_te2_text_model_encoder_layers_{m.group(1)}_"
+            names.update(prefix + part for part in
+                         ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2"))
+    return names
+
+
+def fixed_batch_loss(trainer, latents, text_conds, noise, timesteps):
+    """Epsilon-prediction MSE of the trained UNet on one fixed batch (PyNative, independent of the train step)."""
+    alphas = ddpm_alphas_cumprod()[timesteps].reshape(-1, 1, 1, 1)
+    noisy = np.sqrt(alphas) * latents + np.sqrt(1 - alphas) * noise
+    sizes = ms.Tensor(np.array([[64, 64]] * len(latents), np.int32))
+    crops = ms.Tensor(np.zeros((len(latents), 2), np.int32))
+    pred = sdxl_train_network.sdxl_call_unet(
+        trainer.unet, ms.Tensor(noisy.astype(np.float32)), ms.Tensor(timesteps), text_conds, sizes, crops, sizes,
+        ms.float32,
+    )
+    return float(((pred.asnumpy() - noise) ** 2).mean())
+
+
+def test_end_to_end_training_run(workspace, tmp_path):
+    root, ckpt, _ = workspace
+    args = parse(workspace, tmp_path, "--max_train_steps", "30", "--learning_rate", "2e-3", "--train_batch_size", "2",
+                 "--min_timestep", "400", "--max_timestep", "600", "--save_every_n_steps", "20")
+    trainer = sdxl_train_network.SdxlNetworkTrainer()
+    final_path = trainer.train(args)
+    assert final_path == str(tmp_path / "lora.safetensors")
+    assert sorted(os.listdir(tmp_path)) == ["lora-step00000020.safetensors", "lora.safetensors"]
+
+    tensors, metadata = read_lora(final_path)
+    names = expected_lora_names(ckpt)
+    assert len(names) == 132 + 36
+    assert set(tensors) == {f"{n}.{s}" for n in names for s in ("lora_down.weight", "lora_up.weight", "alpha")}
+    assert tensors["lora_unet_input_blocks_4_1_proj_in.lora_down.weight"].shape == (4, 64)
+    assert tensors["lora_unet_input_blocks_4_1_proj_in.lora_up.weight"].shape == (64, 4)
+    assert float(tensors["lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha"]) == 2.0
+    # LoRA weights trained: up starts at zero in Kohya's init
+    assert all(np.abs(tensors[f"{n}.lora_up.weight"]).max() > 0 for n in names if n.startswith("lora_unet"))
+    assert any(np.abs(tensors[f"{n}.lora_up.weight"]).max() > 0 for n in names if n.startswith("lora_te"))
+
+    assert metadata["ss_network_module"] == "networks.lora"
+    assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "2.0"
+    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert metadata["ss_steps"] == "30" and metadata["ss_max_train_steps"] == "30"
+    assert metadata["ss_num_train_images"] == "8" and metadata["ss_seed"] == "11"
+    assert metadata["ss_optimizer"] == "torch.optim.adamw.AdamW"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert metadata["modelspec.title"] == "lora"
+    with open(final_path, "rb") as f:
+        data = f.read()
+    header_len = int.from_bytes(data[:8], "little")
+    assert metadata["sshs_model_hash"] == hashlib.sha256(data[8 + header_len:]).hexdigest()
+
+    # base weights are bit-identical to the checkpoint
+    with safe_open(ckpt, framework="np") as f:
+        for name, param in base_state_dict(trainer.unet).items():
+            np.testing.assert_array_equal(param.asnumpy(), f.get_tensor("model.diffusion_model." + name), err_msg=name)
+
+    # the saved file loads back into a fresh network: same tensors
+    from networks import lora
+    from library import sdxl_model_util
+
+    te1, te2, vae, unet, _, _ = sdxl_model_util.load_models_from_sdxl_checkpoint(ckpt)
+    fresh = lora.create_network(1.0, 4, 2, vae, [te1, te2], unet)
+    missing, unexpected = fresh.load_weights(final_path)
+    assert not missing and not unexpected
+    reloaded = fresh.lora_state_dict()
+    for key, value in tensors.items():
+        np.testing.assert_array_equal(reloaded[key], value, err_msg=key)
+
+    # the loss on a fixed batch went down: multiplier 0 is exactly the untrained model (up weights were 0)
+    rng = np.random.default_rng(5)
+    latents = rng.standard_normal((4, 4, 8, 8)).astype(np.float32) * 0.5
+    noise = rng.standard_normal(latents.shape).astype(np.float32)
+    timesteps = np.array([420, 480, 520, 580], np.int32)
+    ids = trainer.load_tokenizer(args).tokenize(["sks picture number 1"] * 4)
+    text_conds = sdxl_train_network.sdxl_get_text_cond(*trainer.text_encoders, ms.Tensor(ids[0]), ms.Tensor(ids[1]))
+    trainer.network.set_train(False)
+    trained = fixed_batch_loss(trainer, latents, text_conds, noise, timesteps)
+    trainer.network.set_multiplier(0.0)
+    text_conds = sdxl_train_network.sdxl_get_text_cond(*trainer.text_encoders, ms.Tensor(ids[0]), ms.Tensor(ids[1]))
+    untrained = fixed_batch_loss(trainer, latents, text_conds, noise, timesteps)
+    assert trained < untrained * 0.98, (trained, untrained)
+
+
+def test_resume_continues_the_uninterrupted_run(workspace, tmp_path):
+    common = ("--max_train_steps", "4", "--learning_rate", "1e-3", "--lr_scheduler", "linear", "--cache_latents",
+              "--cache_text_encoder_outputs", "--network_train_unet_only", "--save_every_n_steps", "2", "--save_state")
+    full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
+    full = sdxl_train_network.SdxlNetworkTrainer()
+    full.train(parse(workspace, full_dir, *common))
+    state_dir = full_dir / "lora-step00000002-state"
+    assert json.loads((state_dir / "train_state.json").read_text()) == {"current_epoch": 0, "current_step": 2}
+    assert sorted(os.listdir(state_dir)) == [
+        "model.safetensors", "optimizer.safetensors", "random_states.json", "scheduler.json", "train_state.json"]
+
+    resumed = sdxl_train_network.SdxlNetworkTrainer()
+    resumed.train(parse(workspace, resumed_dir, *common, "--resume", str(state_dir)))
+    # the step counter continued (upstream restarts at 0): the resumed run saved no step-2 file, only step 4
+    assert not (resumed_dir / "lora-step00000002.safetensors").exists()
+    assert json.loads((resumed_dir / "lora-state" / "train_state.json").read_text())["current_step"] == 4
+
+    full_weights, full_meta = read_lora(str(full_dir / "lora.safetensors"))
+    resumed_weights, resumed_meta = read_lora(str(resumed_dir / "lora.safetensors"))
+    assert resumed_meta["ss_steps"] == full_meta["ss_steps"] == "4"
+    for key, value in full_weights.items():
+        np.testing.assert_allclose(resumed_weights[key], value, rtol=1e-5, atol=1e-7, err_msg=key)
+    assert resumed.network is not None
+    assert json.loads((resumed_dir / "lora-state" / "scheduler.json").read_text()) == \
+        json.loads((full_dir / "lora-state" / "scheduler.json").read_text())
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--network_module", "networks.lycoris"), "only networks.lora"),
+    (("--cache_text_encoder_outputs",), "requires --network_train_unet_only"),
+    (("--full_fp16",), "--full_fp16 requires --mixed_precision fp16"),
+    (("--adaptive_noise_scale", "0.1"), "adaptive_noise_scale requires noise_offset"),
+    (("--optimizer_type", "Prodigy"), "Prodigy"),
+    (("--lr_scheduler", "warmup_stable_decay"), "--lr_scheduler warmup_stable_decay"),
+    (("--deepspeed",), "--deepspeed: DeepSpeed is torch-only"),
+    (("--save_model_as", "ckpt"), "only 'safetensors'"),
+    (("--cache_latents", "--color_aug"), "color_aug"),
+    (("--network_args", "conv_dim"), "expected key=value"),
+])
+def test_bad_flags_fail_before_model_loading(workspace, tmp_path, extra, message):
+    args = parse(workspace, tmp_path, *extra)
+    args.pretrained_model_name_or_path = str(tmp_path / "does_not_exist.safetensors")  # loading would fail differently
+    with pytest.raises(ValueError, match=re.escape(message) if "(" not in message else message):
+        sdxl_train_network.SdxlNetworkTrainer().train(args)
+    assert not any(name.endswith(".safetensors") for name in os.listdir(tmp_path))
+
+
+def test_cli_reports_errors_without_traceback(workspace, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        sdxl_train_network.main(["--train_data_dir", str(tmp_path / "missing"), "--network_module", "networks.lora",
+                                 "--output_dir", str(tmp_path), "--pretrained_model_name_or_path", "x.safetensors"])
+    assert "error:" in str(e.value) and "missing" in str(e.value)
