@@ -21,7 +21,7 @@ from mindone.diffusers.training_utils import TrainStep  # noqa: E402
 from mindspore import ops  # noqa: E402
 
 import train_network  # noqa: E402
-from library import caching, sdxl_model_util, sdxl_train_util, train_util  # noqa: E402
+from library import caching, distributed, sdxl_model_util, sdxl_train_util, train_util  # noqa: E402
 from library.autoencoder_kl import sample_diagonal_gaussian  # noqa: E402
 from library.custom_train_functions import DiffusionNoiseAndLoss  # noqa: E402
 from library.sdxl_text_encoding import encode_tokens_sdxl  # noqa: E402
@@ -75,6 +75,20 @@ class TrainStepForSDXLLoRA(TrainStep):
         self.vae_dtype = vae_dtype
         self.vae_scale_factor = vae_scale_factor
         self.num_text_fields = 3 if text_encoder_outputs_cached else 2
+        self.accumulating = gradient_accumulation_steps > 1
+
+    def construct(self, *inputs):
+        """mindone's TrainStep.construct, without its `if sync_gradients` branch when nothing accumulates: that
+        branch makes a graph loaded from MindSpore's compile cache fail on its first step (measured, MS 2.10)."""
+        if self.accumulating:
+            return super().construct(*inputs)
+        outputs, grads = self.forward_and_backward(*inputs)
+        grads = self.grad_accumulator.step(grads)  # the data-parallel all-reduce, if any
+        grads = self.grad_scaler.unscale(grads)
+        grads = self.grad_clipper.clip_grad_norm(grads)
+        self.grad_scaler.step(self.optimizer, grads)
+        self.grad_scaler.update()
+        return (self.unscale_loss(outputs[0]),) + outputs[1:]
 
     def forward(self, *inputs):
         pixels_or_latents = inputs[0]
@@ -147,7 +161,8 @@ class SdxlNetworkTrainer(train_network.NetworkTrainer):
             return sample_diagonal_gaussian(mean, logvar).asnumpy().astype(np.float32)
 
         caching.cache_latents(
-            dataset_group, encode, args.vae_batch_size, args.cache_latents_to_disk, args.skip_cache_check
+            dataset_group, encode, args.vae_batch_size, args.cache_latents_to_disk, args.skip_cache_check,
+            **cache_sharding(args.cache_latents_to_disk),
         )
 
     def cache_text_encoder_outputs(self, args, text_encoders, dataset_group, tokenize_strategy):
@@ -158,6 +173,7 @@ class SdxlNetworkTrainer(train_network.NetworkTrainer):
         caching.cache_text_encoder_outputs(
             dataset_group, encode, tokenize_strategy, args.vae_batch_size,
             args.cache_text_encoder_outputs_to_disk, args.skip_cache_check,
+            **cache_sharding(args.cache_text_encoder_outputs_to_disk),
         )
 
     def build_train_step(self, args, network, optimizer, text_encoders, vae, unet, dataset_group, weight_dtype):
@@ -174,8 +190,18 @@ class SdxlNetworkTrainer(train_network.NetworkTrainer):
             vae_scale_factor=self.vae_scale_factor,
             max_grad_norm=args.max_grad_norm or None,  # Kohya's 0 means "no clipping"
             gradient_accumulation_steps=args.gradient_accumulation_steps,
-            length_of_dataloader=len(dataset_group),
+            length_of_dataloader=distributed.batches_per_rank(len(dataset_group), distributed.get_state().world_size),
         )
+
+
+def cache_sharding(to_disk: bool) -> dict:
+    """Data parallel: disk caches are split (image i on rank i % N, the trainer waits for all before training);
+    in-memory caches are built whole by every rank (a rank may read any image over the epochs), as upstream."""
+    state = distributed.get_state()
+    sharding = {"show_progress": state.is_main_process}
+    if to_disk:
+        sharding.update(num_processes=state.world_size, process_index=state.rank)
+    return sharding
 
 
 def setup_parser():

@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from library import config_util, custom_train_functions, lr_schedulers, optimizers, sai_model_spec  # noqa: E402
-from library import train_state, train_util  # noqa: E402
+from library import distributed, train_state, train_util  # noqa: E402
 from library.datasets import debug_dataset  # noqa: E402
 from library.lora_metadata import SS_METADATA_MINIMUM_KEYS, build_training_metadata  # noqa: E402
 from library.noise_sampling import NoiseSampler  # noqa: E402
@@ -68,13 +68,15 @@ class NetworkTrainer:
     # ----- the loop --------------------------------------------------------------------------------------------
 
     def train(self, args):
+        # under msrun: join the process group first (the scheduler process stops here), see library/distributed.py
+        dist = distributed.init_distributed()
         session_id = random.randint(0, 2**32 - 1)
         training_started_at = time.time()
         train_util.handle_torch_only_flags(args, logger.info)
         train_util.verify_training_args(args)
         config_util.prepare_dataset_args(args)
         if args.seed is None:
-            args.seed = random.randint(0, 2**32 - 1)
+            args.seed = distributed.gather_json(random.randint(0, 2**32 - 1))[0]  # rank 0's: one seed for all ranks
         set_seed(args.seed)
 
         # datasets first: a bad config fails before any model loads
@@ -107,6 +109,7 @@ class NetworkTrainer:
             self.cache_latents(args, vae, train_group)
         if args.cache_text_encoder_outputs:
             self.cache_text_encoder_outputs(args, text_encoders, train_group, tokenize_strategy)
+        distributed.barrier()  # disk caches are split across ranks: none reads a file before it is written
 
         network = self.create_network(args, network_module, net_kwargs, text_encoders, vae, unet)
         if args.full_fp16 or args.full_bf16:
@@ -122,8 +125,11 @@ class NetworkTrainer:
         param_groups, lr_descriptions = network.prepare_optimizer_params(text_encoder_lr, args.unet_lr, args.learning_rate)
         optimizer_name, optimizer_args, optimizer = optimizers.get_optimizer(args, param_groups)
 
-        # epoch arithmetic as upstream: one optimizer step per gradient_accumulation_steps batches
-        num_batches_per_epoch = len(train_group)
+        # epoch arithmetic as upstream: one optimizer step per gradient_accumulation_steps batches of this rank.
+        # With N ranks, rank r runs batches r, r+N, ... of each epoch; the uneven remainder is dropped (every rank
+        # must run the same number of steps), so num_batches_per_epoch is the per-rank count, as upstream's
+        # len(train_dataloader) after accelerator.prepare.
+        num_batches_per_epoch = distributed.batches_per_rank(len(train_group), dist.world_size)
         num_update_steps_per_epoch = math.ceil(num_batches_per_epoch / args.gradient_accumulation_steps)
         if args.max_train_epochs is not None:
             args.max_train_steps = args.max_train_epochs * num_update_steps_per_epoch
@@ -135,24 +141,28 @@ class NetworkTrainer:
         lr_scheduler = lr_schedulers.get_scheduler_fix(args, optimizer)
 
         train_step = self.build_train_step(args, network, optimizer, text_encoders, vae, unet, train_group, weight_dtype)
-        noise_sampler = NoiseSampler(args, seed=args.seed)
+        noise_sampler = NoiseSampler(args, seed=args.seed, rank=dist.rank)  # one noise stream per rank
 
         global_step, first_epoch = 0, 0
         if args.resume:
             global_step, first_epoch = train_state.load_state(
-                args.resume, network, optimizer, lr_scheduler, noise_sampler, num_update_steps_per_epoch
+                args.resume, network, optimizer, lr_scheduler, noise_sampler, num_update_steps_per_epoch,
+                world_size=dist.world_size, rank=dist.rank,
             )
             logger.info("resumed from %s at step %d (epoch %d)", args.resume, global_step, first_epoch + 1)
 
         metadata = build_training_metadata(
             args, session_id, training_started_at, train_group, network, optimizer_name, optimizer_args,
-            num_batches_per_epoch, num_train_epochs, self.model_version_metadata,
+            num_batches_per_epoch, num_train_epochs, self.model_version_metadata, num_processes=dist.world_size,
         )
         minimum_metadata = {k: metadata[k] for k in SS_METADATA_MINIMUM_KEYS if k in metadata}
         os.makedirs(args.output_dir, exist_ok=True)
 
+        # only rank 0 writes files (LoRA, state, logs) and shows progress; the other ranks run silently
         def save_model(file_name, steps, epoch_no, force_sync_upload=False):
             path = os.path.join(args.output_dir, file_name)
+            if not dist.is_main_process:
+                return path
             md = minimum_metadata if args.no_metadata else metadata
             md = dict(md)
             md["ss_training_finished_at"] = str(time.time())
@@ -165,17 +175,18 @@ class NetworkTrainer:
 
         def remove_model(file_name):
             path = os.path.join(args.output_dir, file_name)
-            if os.path.exists(path):
+            if dist.is_main_process and os.path.exists(path):
                 os.remove(path)
 
-        def save_state(name):
+        def save_state(name):  # collective: every rank calls it (rank 0 gathers the ranks' noise streams)
             train_state.save_state(
                 os.path.join(args.output_dir, name), network, optimizer, lr_scheduler, noise_sampler,
-                epoch=current_epoch, step=global_step,
+                epoch=current_epoch, step=global_step, world_size=dist.world_size, is_main_process=dist.is_main_process,
             )
 
         def remove_state(name):
-            shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
+            if dist.is_main_process:
+                shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
 
         logger.info(
             "running training: %d images (%d reg), %d batches per epoch, %d epochs, "
@@ -183,9 +194,10 @@ class NetworkTrainer:
             train_group.num_train_images, train_group.num_reg_images, num_batches_per_epoch, num_train_epochs,
             args.gradient_accumulation_steps, args.max_train_steps,
         )
-        tracker = TrainingLogger(args)
+        tracker = TrainingLogger(args, enabled=dist.is_main_process)
         loss_recorder = train_util.LossRecorder()
-        progress = tqdm(total=args.max_train_steps, initial=global_step, desc="steps", smoothing=0)
+        progress = tqdm(total=args.max_train_steps, initial=global_step, desc="steps", smoothing=0,
+                        disable=not dist.is_main_process)
         network.set_train(True)
         output_name = args.output_name
         current_epoch = first_epoch
@@ -195,7 +207,7 @@ class NetworkTrainer:
             current_epoch = epoch
             train_group.set_current_epoch(epoch + 1)
             logger.info("epoch %d/%d", epoch + 1, num_train_epochs)
-            for batch_index in range(num_batches_per_epoch):
+            for batch_index in distributed.rank_batch_indices(len(train_group), dist.world_size, dist.rank):
                 if skip_batches > 0:
                     skip_batches -= 1
                     continue
@@ -214,7 +226,7 @@ class NetworkTrainer:
                     keys_scaled, mean_norm, max_norm = network.apply_max_norm_regularization(args.scale_weight_norms)
                     logs.update({"max_norm/keys_scaled": keys_scaled, "norm/avg_key_norm": mean_norm,
                                  "max_norm/max_key_norm": max_norm})
-                loss_recorder.add(batch_index, loss_value)
+                loss_recorder.add(batch_index // dist.world_size, loss_value)  # this rank's loss, as upstream logs
                 logs["loss/average"] = loss_recorder.moving_average
                 logs.update(lr_logs(lr_scheduler.get_last_lr(), lr_descriptions))
                 progress.update(1)
@@ -253,7 +265,8 @@ class NetworkTrainer:
         if args.save_state or args.save_state_on_train_end:
             save_state(train_util.LAST_STATE_NAME.format(output_name or "last"))
         final_path = save_model(train_util.get_last_ckpt_name(output_name), global_step, current_epoch)
-        print(f"LoRA saved to {final_path}")
+        if dist.is_main_process:
+            print(f"LoRA saved to {final_path}")
         return final_path
 
     def create_network(self, args, network_module, net_kwargs, text_encoders, vae, unet):
@@ -300,6 +313,9 @@ def configure_mindspore(args):
     """Graph mode on whatever backend this MindSpore build targets; optional compile cache."""
     ms.set_context(mode=ms.GRAPH_MODE)
     if args.compile_cache_dir:
+        if args.gradient_accumulation_steps > 1:
+            raise ValueError("--compile_cache_dir cannot be used with --gradient_accumulation_steps > 1: MindSpore 2.10 "
+                             "fails to run a cached graph with the accumulation branch")
         os.makedirs(args.compile_cache_dir, exist_ok=True)
         ms.set_context(enable_compile_cache=True, compile_cache_path=args.compile_cache_dir)
 

@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -219,7 +220,13 @@ def measure_in_child(args, config_name, compile_cache_dir):
         if compile_cache_dir:
             cmd += ["--compile_cache_dir", compile_cache_dir]
         print("running:", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True, cwd=REPO_ROOT)
+        child = subprocess.run(cmd, cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True)
+        if child.returncode != 0:
+            # recorded, not raised: a failing warm-cache run is itself a result worth reporting
+            print(child.stderr[-4000:], file=sys.stderr)
+            errors = [line for line in child.stderr.splitlines() if re.match(r"\w+(Error|Exception)\b", line)]
+            return {"config": config_name, "error": errors[-1] if errors else f"exit status {child.returncode}",
+                    "compile_cache_dir": compile_cache_dir and os.path.join(compile_cache_dir, Path(config_name).stem)}
         with open(output, encoding="utf-8") as f:
             return json.load(f)["runs"][0]
 
@@ -238,12 +245,12 @@ def cache_comparison(args, config_name):
     finally:
         if own_dir:
             shutil.rmtree(cache_dir, ignore_errors=True)
-    summary = {
-        "config": config_name,
-        "cold_first_call_s": cold["results"]["first_call_s"],
-        "warm_first_call_s": warm["results"]["first_call_s"],
-    }
-    summary["speedup"] = summary["cold_first_call_s"] / summary["warm_first_call_s"]
+    summary = {"config": config_name}
+    for name, run in (("cold", cold), ("warm", warm)):
+        summary[f"{name}_first_call_s"] = run["results"]["first_call_s"] if "results" in run else None
+        summary[f"{name}_error"] = run.get("error")
+    both = summary["cold_first_call_s"] and summary["warm_first_call_s"]
+    summary["speedup"] = summary["cold_first_call_s"] / summary["warm_first_call_s"] if both else None
     return [cold, warm], summary
 
 
@@ -278,6 +285,9 @@ def main(argv=None):
     with open(args.output, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
     for run in report["runs"]:
+        if "error" in run:
+            print(f"{run['config']}: FAILED (cache dir: {run['compile_cache_dir']}): {run['error']}")
+            continue
         r = run["results"]
         print(f"{run['config']}: first call {r['first_call_s']:.1f} s, {r['step_s_median']:.3f} s/step, "
               f"peak RSS {r['peak_rss_mb']:.0f} MB (cache dir: {run['settings']['compile_cache_dir']})")

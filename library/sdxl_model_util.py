@@ -194,5 +194,6 @@ def write_safetensors(path, tensors: dict, metadata: dict = None):
     """Write atomically: a run killed mid-write leaves any previous file at `path` intact."""
     path = str(path)
     tmp_path = path + ".tmp"
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp_path, metadata=metadata)
+    # np.asarray keeps 0-d tensors 0-d (np.ascontiguousarray would make them 1-d)
+    save_file({k: np.asarray(v, order="C") for k, v in tensors.items()}, tmp_path, metadata=metadata)
     os.replace(tmp_path, path)

@@ -16,6 +16,8 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from library.sdxl_model_util import write_safetensors
+
 LORA_DOWN = "lora_down.weight"
 LORA_UP = "lora_up.weight"
 ALPHA = "alpha"
@@ -72,13 +74,8 @@ def write_lora_file(path: str, tensors: Dict[str, np.ndarray], metadata: Dict[st
     model_hash, legacy_hash = precalculate_safetensors_hashes(tensors, metadata)
     metadata["sshs_model_hash"] = model_hash
     metadata["sshs_legacy_hash"] = legacy_hash
-
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp_path = path + ".tmp"
-    with open(tmp_path, "wb") as f:
-        f.write(safetensors.numpy.save(tensors, metadata=metadata))
-    os.replace(tmp_path, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_safetensors(path, tensors, metadata)
 
 
 def split_lora_key(key: str) -> Tuple[str, str]:
