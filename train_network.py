@@ -72,7 +72,7 @@ class NetworkTrainer:
         dist = distributed.init_distributed()
         session_id = random.randint(0, 2**32 - 1)
         training_started_at = time.time()
-        train_util.handle_torch_only_flags(args, logger.info)
+        train_util.check_unsupported_flags(args, logger.info)
         train_util.verify_training_args(args)
         config_util.prepare_dataset_args(args)
         if args.seed is None:
@@ -272,6 +272,14 @@ class NetworkTrainer:
     def create_network(self, args, network_module, net_kwargs, text_encoders, vae, unet):
         """The LoRA network, its cells replaced in place inside the models, optionally loaded from a file."""
         _, te_list, unet_target = self.network_targets(text_encoders, unet)
+        multipliers = args.base_weights_multiplier or []
+        for i, path in enumerate(args.base_weights or []):
+            multiplier = multipliers[i] if i < len(multipliers) else 1.0
+            merger, weights_sd = network_module.create_network_from_weights(
+                multiplier, path, vae, te_list, unet_target, for_inference=True
+            )
+            merger.merge_to(weights_sd)
+            logger.info("--base_weights: merged %s (multiplier %g) into the base model", path, multiplier)
         train_unet = not args.network_train_text_encoder_only
         train_text_encoder = not args.network_train_unet_only
         if args.dim_from_weights:
@@ -410,8 +418,10 @@ def add_network_arguments(parser):
     parser.add_argument("--training_comment", type=str, default=None, help="comment stored in the metadata")
     parser.add_argument("--dim_from_weights", action="store_true", help="dims and alphas from --network_weights")
     parser.add_argument("--scale_weight_norms", type=float, default=None, help="max-norm regularization (e.g. 1.0)")
-    parser.add_argument("--base_weights", type=str, default=None, nargs="*", help="not supported yet; see README")
-    parser.add_argument("--base_weights_multiplier", type=float, default=None, nargs="*", help="see --base_weights")
+    parser.add_argument("--base_weights", type=str, default=None, nargs="*",
+                        help="LoRA files merged into the base model before training")
+    parser.add_argument("--base_weights_multiplier", type=float, default=None, nargs="*",
+                        help="multipliers of --base_weights (default 1.0 each)")
 
 
 def main(argv=None):

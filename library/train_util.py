@@ -119,21 +119,28 @@ def add_dataset_arguments(
 
 
 TORCH_ONLY_FLAGS = {
-    # flag: what this port does instead (printed once when the flag is given)
+    # flag: what this port does instead (logged when the flag is given)
     "xformers": "MindSpore has no xformers; attention uses the math kernel (flash attention on Ascend)",
     "sdpa": "torch SDPA does not exist here; attention uses the math kernel (flash attention on Ascend)",
     "mem_eff_attn": "attention uses the math kernel (flash attention on Ascend)",
     "torch_compile": "training already runs as a compiled MindSpore graph (GRAPH_MODE)",
     "lowram": "models are loaded to host memory and placed by MindSpore; the flag changes nothing",
+    "lowvram": "MindSpore manages device memory itself; the flag changes nothing",
     "highvram": "MindSpore manages device memory itself; the flag changes nothing",
     "persistent_data_loader_workers": "batches are built in the main process; the flag changes nothing",
 }
-TORCH_ONLY_ERRORS = {
+DEFAULT_DATA_LOADER_WORKERS = 8
+UNSUPPORTED_FLAGS = {
+    # flag: why it is refused (an error whenever it is set to anything but its default)
     "deepspeed": "DeepSpeed is torch-only; use data-parallel training with msrun (see README)",
     "fp8_base": "fp8 base weights are not supported by this MindSpore port",
-    "fp8_base_unet": "fp8 base weights are not supported by this MindSpore port",
     "cpu_offload_checkpointing": "not supported (it also crashes upstream for SDXL)",
     "fused_backward_pass": "not supported (it has no effect in upstream's train_network either)",
+    "weighted_captions": "weighted captions ((token:1.3) syntax) are not implemented yet",
+    "dataset_class": "custom dataset classes are not supported; use --dataset_config",
+    "lr_decay_steps": "warmup_stable_decay is not implemented (see --lr_scheduler)",
+    "lr_scheduler_min_lr_ratio": "cosine_with_min_lr / warmup_stable_decay are not implemented",
+    "lr_scheduler_timescale": "inverse_sqrt is not implemented",
 }
 
 
@@ -172,7 +179,8 @@ def add_training_arguments(parser):
     parser.add_argument("--vae", type=str, default=None, help="VAE to use instead of the checkpoint's")
     parser.add_argument("--max_train_steps", type=int, default=1600, help="training steps")
     parser.add_argument("--max_train_epochs", type=int, default=None, help="training epochs (overrides max_train_steps)")
-    parser.add_argument("--max_data_loader_n_workers", type=int, default=8, help="accepted; batches are built in-process")
+    parser.add_argument("--max_data_loader_n_workers", type=int, default=DEFAULT_DATA_LOADER_WORKERS,
+                        help="accepted; batches are built in-process")
     parser.add_argument("--persistent_data_loader_workers", action="store_true", help="torch-only; see README")
     parser.add_argument("--seed", type=int, default=None, help="random seed")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
@@ -193,7 +201,7 @@ def add_training_arguments(parser):
     parser.add_argument("--log_tracker_name", type=str, default=None, help="accepted for compatibility")
     parser.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight for regularization images")
     parser.add_argument("--clip_skip", type=int, default=None, help="no effect for SDXL")
-    parser.add_argument("--lowvram", action="store_true", help="accepted for compatibility")
+    parser.add_argument("--lowvram", action="store_true", help="torch-only; see README")
     parser.add_argument("--compile_cache_dir", type=str, default=None, help="MindSpore graph compile cache directory")
 
 
@@ -245,14 +253,17 @@ def read_config_from_file(args, parser):
     return explicit
 
 
-def handle_torch_only_flags(args, log=print):
-    """Torch-only flags: explained when accepted, an error when they would change results here."""
-    for flag, reason in TORCH_ONLY_ERRORS.items():
-        if getattr(args, flag, False):
+def check_unsupported_flags(args, log=print):
+    """Flags this port cannot honour: torch-only switches are explained, the others are errors when set
+    (their defaults are all None, False or 0)."""
+    for flag, reason in UNSUPPORTED_FLAGS.items():
+        if getattr(args, flag, None) not in (None, False):
             raise ValueError(f"--{flag}: {reason}")
     for flag, what_instead in TORCH_ONLY_FLAGS.items():
         if getattr(args, flag, False):
             log(f"--{flag}: {what_instead}")
+    if args.max_data_loader_n_workers != DEFAULT_DATA_LOADER_WORKERS:
+        log("--max_data_loader_n_workers: batches are built in the main process; the flag changes nothing")
 
 
 def verify_training_args(args):

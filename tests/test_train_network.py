@@ -195,6 +195,7 @@ def test_resume_continues_the_uninterrupted_run(workspace, tmp_path):
     (("--optimizer_type", "Prodigy"), "Prodigy"),
     (("--lr_scheduler", "warmup_stable_decay"), "--lr_scheduler warmup_stable_decay"),
     (("--deepspeed",), "--deepspeed: DeepSpeed is torch-only"),
+    (("--weighted_captions",), "--weighted_captions: weighted captions"),
     (("--save_model_as", "ckpt"), "only 'safetensors'"),
     (("--cache_latents", "--color_aug"), "color_aug"),
     (("--network_args", "conv_dim"), "expected key=value"),
