@@ -8,7 +8,6 @@ encoders and `train_step_class`, the cell that runs forward and backward in one 
 
 import argparse
 import importlib
-import json
 import logging
 import math
 import os
@@ -91,7 +90,7 @@ class NetworkTrainer:
             raise ValueError("when caching latents, either color_aug or random_crop cannot be used")
         self.assert_extra_args(args, train_group)
         network_module = import_network_module(args.network_module)
-        net_kwargs = parse_network_args(args.network_args)
+        net_kwargs = train_util.parse_network_args(args.network_args)
         optimizers.resolve_optimizer_type(args)
         if args.lr_scheduler not in lr_schedulers.SUPPORTED_SCHEDULERS:
             raise ValueError(f"--lr_scheduler {args.lr_scheduler}: use one of {', '.join(lr_schedulers.SUPPORTED_SCHEDULERS)}")
@@ -350,17 +349,6 @@ def import_network_module(name):
     if name != "networks.lora":
         raise ValueError(f"--network_module {name}: only networks.lora is available in this port (LyCORIS etc. are not)")
     return importlib.import_module(name)
-
-
-def parse_network_args(network_args):
-    """`--network_args k=v ...` -> dict of strings (split on the first '=', as upstream)."""
-    kwargs = {}
-    for item in network_args or []:
-        if "=" not in item:
-            raise ValueError(f"--network_args: expected key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        kwargs[key.strip()] = value.strip()
-    return kwargs
 
 
 def batch_shape_of(batch, group):

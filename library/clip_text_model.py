@@ -15,7 +15,6 @@ them through the final LayerNorm), so `hidden_states[-2]` is the penultimate lay
 
 import logging
 
-import mindspore as ms
 from mindspore import nn, ops
 
 from library.layers import Embedding, LayerNorm, attention, causal_mask, dense

@@ -1,8 +1,10 @@
 """The `ss_*` training metadata a LoRA file carries, with upstream's keys (all values are strings)."""
 
 import json
+import os
 
 from library.dataset_metadata import dataset_metadata
+from library.train_util import parse_network_args
 
 SS_METADATA_MINIMUM_KEYS = (
     "ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args",
@@ -90,7 +92,7 @@ def build_training_metadata(args, session_id, training_started_at, train_group, 
             "ss_keep_tokens": args.keep_tokens,
         })
     metadata.update(dataset_metadata(train_group, from_config))
-    net_kwargs = network_args_dict(args.network_args)
+    net_kwargs = parse_network_args(args.network_args)
     if net_kwargs:
         metadata["ss_network_args"] = json.dumps(net_kwargs)
     if args.pretrained_model_name_or_path:
@@ -100,16 +102,6 @@ def build_training_metadata(args, session_id, training_started_at, train_group, 
     return {key: str(value) for key, value in metadata.items()}
 
 
-def network_args_dict(network_args):
-    result = {}
-    for item in network_args or []:
-        key, _, value = item.partition("=")
-        result[key.strip()] = value.strip()
-    return result
-
-
 def model_name(path: str) -> str:
     """Upstream stores the file name only, to keep local paths out of shared files."""
-    import os
-
     return os.path.basename(path.rstrip("/\\"))

@@ -3,7 +3,6 @@
 import logging
 import os
 
-import mindspore as ms
 from mindspore import ops
 
 from library import sdxl_model_util
@@ -82,7 +81,3 @@ def load_vae(path: str, vae):
     sdxl_model_util.load_state_dict_into(vae, state_dict, f"--vae {path}")
     return vae
 
-
-def cast_dtype_name(name):
-    """'fp16' / 'bf16' / 'float' / None -> mindspore dtype or None."""
-    return {None: None, "no": None, "float": ms.float32, "fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[name]

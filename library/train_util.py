@@ -266,6 +266,17 @@ def check_unsupported_flags(args, log=print):
         log("--max_data_loader_n_workers: batches are built in the main process; the flag changes nothing")
 
 
+def parse_network_args(network_args):
+    """`--network_args k=v ...` -> dict of strings (split on the first '=', as upstream)."""
+    kwargs = {}
+    for item in network_args or []:
+        if "=" not in item:
+            raise ValueError(f"--network_args: expected key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        kwargs[key.strip()] = value.strip()
+    return kwargs
+
+
 def verify_training_args(args):
     """Upstream's argument checks, as errors that name the flags (raised before any model loads)."""
     custom_train_functions.verify_noise_and_loss_args(args)

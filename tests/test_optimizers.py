@@ -5,7 +5,7 @@ import argparse
 import numpy as np
 import pytest
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Parameter, Tensor, nn
 from mindone.diffusers.training_utils import TrainStep
 
 from library import optimizers as opt_lib
