@@ -76,9 +76,17 @@ def build_models(config: dict, allocate: bool = True):
         )
 
     if allocate:
-        return build()
-    with no_init_parameters():
-        return build()
+        models = build()
+    else:
+        with no_init_parameters():
+            models = build()
+    # unique parameter names across the four models (both text encoders have `text_model.encoder...`): an
+    # optimizer's ParameterTuple over LoRA weights of both encoders requires them. State-dict keys come from
+    # `parameters_and_names()` paths and are unaffected.
+    for tag, model in zip(("text_encoder1.", "text_encoder2.", "vae.", "unet."), models):
+        for name, param in model.parameters_and_names():
+            param.name = tag + name
+    return models
 
 
 def state_dict_of(cell) -> dict:
