@@ -167,7 +167,7 @@ def test_resume_continues_the_uninterrupted_run(workspace, tmp_path):
     full = sdxl_train_network.SdxlNetworkTrainer()
     full.train(parse(workspace, full_dir, *common))
     state_dir = full_dir / "lora-step00000002-state"
-    assert json.loads((state_dir / "train_state.json").read_text()) == {"current_epoch": 0, "current_step": 2}
+    assert json.loads((state_dir / "train_state.json").read_text()) == {"current_epoch": 0, "current_step": 2, "world_size": 1}
     assert sorted(os.listdir(state_dir)) == [
         "model.safetensors", "optimizer.safetensors", "random_states.json", "scheduler.json", "train_state.json"]
 
