@@ -537,7 +537,7 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser):
                         help="number of restarts for cosine_with_restarts")
     parser.add_argument("--lr_scheduler_power", type=float, default=1, help="power for the polynomial scheduler")
     parser.add_argument("--fused_backward_pass", action="store_true",
-                        help="accepted for compatibility; like upstream's train_network it has no effect (Adafactor only)")
+                        help="not supported (no effect in upstream's train_network either); refused")
     parser.add_argument("--lr_scheduler_timescale", type=int, default=None,
                         help="timescale for inverse_sqrt (not supported here)")
     parser.add_argument("--lr_scheduler_min_lr_ratio", type=float, default=None,

@@ -11,13 +11,12 @@ import time
 import numpy as np
 import psutil
 import pytest
-from PIL import Image
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from library import distributed, train_state
 from library.noise_sampling import NoiseSampler
-from tools.make_tiny_checkpoint import make_tiny_checkpoint
+from train_helpers import write_training_workspace
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "msrun_train_worker.py")
@@ -132,21 +131,12 @@ def wait_bounded(proc, deadline):
 def runs(tmp_path_factory):
     """The same 3 steps on the same 2 images: 2 msrun workers x batch 1, and 1 process x batch 2."""
     root = tmp_path_factory.mktemp("msrun")
-    ckpt = root / "tiny.safetensors"
-    make_tiny_checkpoint(str(ckpt), seed=7)
+    ckpt, data_dir = write_training_workspace(root, num_images=2, num_repeats=1)
     image_dir = root / "data" / "1_sks"
-    image_dir.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        y, x = np.mgrid[0:64, 0:64] / 63.0
-        colour = rng.uniform(0, 1, (3,))
-        pixels = np.stack([x * colour[0], y * colour[1], (1 - x) * colour[2]], axis=-1)
-        Image.fromarray((pixels * 255).astype(np.uint8)).save(image_dir / f"img{i}.png")
-        (image_dir / f"img{i}.txt").write_text(f"sks picture number {i}")
 
     # SGD, not AdamW: Adam's update ignores the gradient's scale, so a sum instead of a mean would go unseen
     flags = [
-        "--pretrained_model_name_or_path", str(ckpt), "--train_data_dir", str(root / "data"), "--resolution", "64",
+        "--pretrained_model_name_or_path", ckpt, "--train_data_dir", data_dir, "--resolution", "64",
         "--caption_extension", ".txt", "--network_module", "networks.lora", "--network_dim", "4",
         "--network_alpha", "4", "--network_train_unet_only", "--cache_latents", "--cache_latents_to_disk",
         "--cache_text_encoder_outputs", "--cache_text_encoder_outputs_to_disk", "--optimizer_type", "SGDNesterov",

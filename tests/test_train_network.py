@@ -14,7 +14,7 @@ from safetensors import safe_open
 import sdxl_train_network
 from library.custom_train_functions import ddpm_alphas_cumprod
 from networks.lora import base_state_dict
-from tools.make_tiny_checkpoint import make_tiny_checkpoint
+from train_helpers import write_training_workspace
 
 pytestmark = pytest.mark.slow
 
@@ -22,19 +22,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    ckpt = root / "tiny.safetensors"
-    make_tiny_checkpoint(str(ckpt), seed=7)
-    image_dir = root / "data" / "2_sks"
-    image_dir.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        # smooth random pictures: a colour gradient per image
-        y, x = np.mgrid[0:64, 0:64] / 63.0
-        colour = rng.uniform(0, 1, (3,))
-        pixels = np.stack([x * colour[0], y * colour[1], (1 - x) * colour[2]], axis=-1)
-        Image.fromarray((pixels * 255).astype(np.uint8)).save(image_dir / f"img{i}.png")
-        (image_dir / f"img{i}.txt").write_text(f"sks picture number {i}")
-    return root, str(ckpt), str(root / "data")
+    ckpt, data_dir = write_training_workspace(root, num_images=4, num_repeats=2)
+    return root, ckpt, data_dir
 
 
 def parse(workspace, output_dir, *extra):
