@@ -23,6 +23,8 @@ import time
 from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")  # before mindspore: see DESIGN.md
+from library import console  # noqa: E402
+console.quiet_third_party_output()  # before mindspore, which reads GLOG_v when it loads
 
 import mindspore as ms  # noqa: E402
 import numpy as np  # noqa: E402
@@ -31,11 +33,11 @@ from mindspore import nn, ops  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from library import sdxl_model_util, sdxl_train_util  # noqa: E402
+from library import layers, sdxl_model_util, sdxl_train_util  # noqa: E402
 from library.sdxl_original_unet import Downsample2D  # noqa: E402
 from library.sdxl_text_encoding import encode_tokens_sdxl  # noqa: E402
 from library.sdxl_tokenize import SdxlTokenizeStrategy  # noqa: E402
-from networks import lora  # noqa: E402
+from networks import lora, lora_io  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -75,11 +77,14 @@ def default_dtype_name() -> str:
     return "fp32" if ms.get_context("device_target") == "CPU" else "fp16"
 
 
-def check_dtype(name: str):
+def runnable_dtype(name: str) -> str:
+    """The dtype that runs for `name` on this backend: bf16 on CPU becomes fp32, with a warning."""
     if name == "bf16" and ms.get_context("device_target") == "CPU":
-        raise ValueError("--dtype bf16: MindSpore has no bf16 matmul kernel on CPU; use fp32 (or fp16) there")
+        logger.warning("--dtype bf16: MindSpore has no bf16 matmul kernel on CPU; computing in fp32 instead")
+        return "fp32"
     if name == "fp16" and ms.get_context("device_target") == "CPU":
         logger.warning("--dtype fp16 on CPU works but runs about 10x slower than fp32")
+    return name
 
 
 def use_synchronous_pynative():
@@ -146,12 +151,13 @@ class SdxlPipeline:
 
     def __init__(self, ckpt_path: str, lora_weights: Sequence[LoraWeight] = (), dtype: str = "fp32",
                  graph_mode: bool = True, tokenizer_cache_dir: Optional[str] = None):
-        check_dtype(dtype)
+        dtype = runnable_dtype(dtype)
         if not os.path.isfile(ckpt_path):
             raise FileNotFoundError(f"--ckpt_path: checkpoint not found: {ckpt_path}")
         for weight in lora_weights:
             if not os.path.isfile(weight.path):
                 raise FileNotFoundError(f"--lora_weights: LoRA file not found: {weight.path}")
+            lora_io.check_sdxl_lora_file(weight.path)  # before the checkpoint loads: a wrong file costs no minutes
         self.tokenizer = SdxlTokenizeStrategy(None, tokenizer_cache_dir)
 
         te1, te2, vae, unet, _, _ = sdxl_model_util.load_models_from_sdxl_checkpoint(ckpt_path)
@@ -173,8 +179,9 @@ class SdxlPipeline:
         self.size_multiple = size_multiple(unet)
 
         guided_unet = GuidedUNet(unet)
-        # one compile per latent shape (~20-40 s for the tiny model on CPU), then several times faster per step
-        self.guided_unet = ms.jit(guided_unet.construct) if graph_mode else guided_unet
+        # compiled on the first call, then several times faster per step; dynamic=1: a second image size compiles
+        # one dynamic-shape graph that serves every later size, instead of a graph per size
+        self.guided_unet = ms.jit(guided_unet.construct, dynamic=1) if graph_mode else guided_unet
 
     def encode_prompt(self, prompt: str, prompt2: str) -> Tuple[ms.Tensor, ms.Tensor]:
         """(context (1, 77, C1 + C2), pool2 (1, P)): TE1 reads `prompt`, TE2 reads `prompt2`, as in training."""
@@ -209,6 +216,7 @@ class SdxlPipeline:
         shape = (1, LATENT_CHANNELS, height // VAE_DOWNSCALE, width // VAE_DOWNSCALE)
         noise = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
         guidance = ms.Tensor(guidance_scale, ms.float32)
+        layers.new_graph_generation()  # a compile for a new size must not reuse blocks parsed for another
         latents = euler_sample(lambda x, t: self.guided_unet(x, t, context, y, guidance), noise, steps, progress)
 
         image = self.vae.decode((latents / sdxl_model_util.VAE_SCALE_FACTOR).astype(self.vae_dtype))
@@ -265,6 +273,7 @@ def setup_parser() -> argparse.ArgumentParser:
     parser.add_argument("--interactive", action="store_true",
                         help="after loading, read prompt / prompt2 / negative prompt / seed from stdin in a loop "
                              "(instead of --prompt/--prompt2/--negative_prompt/--seed)")
+    console.add_logging_arguments(parser)
     return parser
 
 
@@ -291,9 +300,9 @@ def interactive_requests(settings: dict) -> Iterator[dict]:
 
 
 def main(argv: Optional[List[str]] = None):
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = setup_parser()
     args = parser.parse_args(argv)
+    console.setup_logging(args)
     use_synchronous_pynative()
 
     dtype = args.dtype or default_dtype_name()

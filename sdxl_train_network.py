@@ -14,15 +14,20 @@ import os
 import sys
 
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")  # before mindspore: see DESIGN.md
+from library import console  # noqa: E402
+console.quiet_third_party_output()  # before mindspore, which reads GLOG_v when it loads
 
 import mindspore as ms  # noqa: E402
 import numpy as np  # noqa: E402
-from mindone.diffusers.training_utils import TrainStep  # noqa: E402
+with console.quiet_import():  # mindone.transformers prints and warns while it registers its models
+    from mindone.diffusers.training_utils import TrainStep  # noqa: E402
 from mindspore import ops  # noqa: E402
+from mindspore.amp import all_finite  # noqa: E402
 
 import train_network  # noqa: E402
 from library import caching, distributed, sdxl_model_util, sdxl_train_util, train_util  # noqa: E402
 from library.autoencoder_kl import sample_diagonal_gaussian  # noqa: E402
+from library.layers import GraphEntry  # noqa: E402
 from library.custom_train_functions import DiffusionNoiseAndLoss  # noqa: E402
 from library.sdxl_text_encoding import encode_tokens_sdxl  # noqa: E402
 from library.sdxl_tokenize import SdxlTokenizeStrategy  # noqa: E402
@@ -45,12 +50,12 @@ def sdxl_call_unet(unet, noisy_latents, timesteps, text_conds, original_sizes_hw
     return unet(noisy_latents.astype(weight_dtype), timesteps, context, y)
 
 
-class TrainStepForSDXLLoRA(TrainStep):
+class TrainStepForSDXLLoRA(GraphEntry, TrainStep):
     """One SDXL LoRA training step as one graph: inputs are the batch tuple followed by the host noise draws.
 
     Batch tuple (library.datasets): images | latents, ids1, ids2 | h1, h2, pool2, loss_weights,
     original_sizes_hw, crop_top_lefts, target_sizes_hw. Noise draws: see library.noise_sampling.NoiseSampler.
-    Returns (loss, per-step unscaled loss for logging).
+    Returns (loss, per-step unscaled loss for logging[, gradients all finite]).
     """
 
     def __init__(self, network, optimizer, unet, text_encoders, vae, noise_and_loss: DiffusionNoiseAndLoss, *,
@@ -76,19 +81,22 @@ class TrainStepForSDXLLoRA(TrainStep):
         self.vae_scale_factor = vae_scale_factor
         self.num_text_fields = 3 if text_encoder_outputs_cached else 2
         self.accumulating = gradient_accumulation_steps > 1
+        self.shares_repeated_blocks = not self.accumulating  # see library/layers.py
 
     def construct(self, *inputs):
         """mindone's TrainStep.construct, without its `if sync_gradients` branch when nothing accumulates: that
-        branch makes a graph loaded from MindSpore's compile cache fail on its first step (measured, MS 2.10)."""
+        branch makes a graph loaded from MindSpore's compile cache fail on its first step (measured, MS 2.10).
+        Without accumulation the outputs end with whether every gradient was finite (the trainer stops on False)."""
         if self.accumulating:
             return super().construct(*inputs)
         outputs, grads = self.forward_and_backward(*inputs)
         grads = self.grad_accumulator.step(grads)  # the data-parallel all-reduce, if any
         grads = self.grad_scaler.unscale(grads)
+        grads_finite = all_finite(grads)
         grads = self.grad_clipper.clip_grad_norm(grads)
         self.grad_scaler.step(self.optimizer, grads)
         self.grad_scaler.update()
-        return (self.unscale_loss(outputs[0]),) + outputs[1:]
+        return (self.unscale_loss(outputs[0]),) + outputs[1:] + (grads_finite,)
 
     def forward(self, *inputs):
         pixels_or_latents = inputs[0]
@@ -211,10 +219,10 @@ def setup_parser():
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = setup_parser()
     args = parser.parse_args(argv)
-    args = train_util.read_config_from_file(args, parser)
+    args = train_util.read_config_from_file(args, parser, argv)
+    console.setup_logging(args)
     try:
         return SdxlNetworkTrainer().train(args)
     except (ValueError, FileNotFoundError) as e:

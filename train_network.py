@@ -17,6 +17,8 @@ import sys
 import time
 
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")  # before mindspore: see DESIGN.md (oneDNN reference convs)
+from library import console  # noqa: E402
+console.quiet_third_party_output()  # before mindspore, which reads GLOG_v when it loads
 
 import mindspore as ms  # noqa: E402
 import numpy as np  # noqa: E402
@@ -25,6 +27,8 @@ from tqdm import tqdm  # noqa: E402
 from library import config_util, custom_train_functions, lr_schedulers, optimizers, sai_model_spec  # noqa: E402
 from library import distributed, train_state, train_util  # noqa: E402
 from library.datasets import debug_dataset  # noqa: E402
+from library.graph_compile import CompiledStep  # noqa: E402
+from library import interrupts  # noqa: E402
 from library.lora_metadata import SS_METADATA_MINIMUM_KEYS, build_training_metadata  # noqa: E402
 from library.noise_sampling import NoiseSampler  # noqa: E402
 from library.training_logger import TrainingLogger  # noqa: E402
@@ -73,6 +77,9 @@ class NetworkTrainer:
         training_started_at = time.time()
         train_util.check_unsupported_flags(args, logger.info)
         train_util.verify_training_args(args)
+        train_util.check_output_paths(args)
+        if dist.is_main_process and args.output_dir:
+            train_state.remove_interrupted_saves(args.output_dir)
         config_util.prepare_dataset_args(args)
         if args.seed is None:
             args.seed = distributed.gather_json(random.randint(0, 2**32 - 1))[0]  # rank 0's: one seed for all ranks
@@ -110,6 +117,10 @@ class NetworkTrainer:
             self.cache_text_encoder_outputs(args, text_encoders, train_group, tokenize_strategy)
         distributed.barrier()  # disk caches are split across ranks: none reads a file before it is written
 
+        # the LoRA's initial weights depend on the seed alone, not on what ran before: MindSpore's initializers draw
+        # from numpy's global generator, which compiling and caching also touch (a run that finds its disk caches
+        # made would otherwise start from other weights than the run that made them)
+        set_seed(args.seed)
         network = self.create_network(args, network_module, net_kwargs, text_encoders, vae, unet)
         if args.full_fp16 or args.full_bf16:
             for param in network.get_trainable_params():
@@ -141,6 +152,12 @@ class NetworkTrainer:
 
         train_step = self.build_train_step(args, network, optimizer, text_encoders, vae, unet, train_group, weight_dtype)
         noise_sampler = NoiseSampler(args, seed=args.seed, rank=dist.rank)  # one noise stream per rank
+        # every batch field is per sample; one graph for all buckets unless --static_shapes
+        compiled_step = CompiledStep(
+            train_step, per_sample=(True,) * len(train_group.batch_fields) + noise_sampler.per_sample,
+            static_shapes=args.static_shapes, compile_cache_dir=args.compile_cache_dir,
+        )
+        self.compiled_step = compiled_step  # kept for inspection after train() (number of compiles)
 
         global_step, first_epoch = 0, 0
         if args.resume:
@@ -201,6 +218,9 @@ class NetworkTrainer:
         output_name = args.output_name
         current_epoch = first_epoch
         skip_batches = (global_step - first_epoch * num_update_steps_per_epoch) * args.gradient_accumulation_steps
+        stop = interrupts.StopRequest()  # Ctrl-C / SIGTERM: stop after the current step, save, exit (library/interrupts.py)
+        stop.install()
+        stopping = False  # what the ranks agreed on, not the local flag
 
         for epoch in range(first_epoch, num_train_epochs):
             current_epoch = epoch
@@ -211,10 +231,16 @@ class NetworkTrainer:
                     skip_batches -= 1
                     continue
                 train_group.set_current_step(global_step + 1)
-                batch = train_group[batch_index]
+                batch, details = train_group.get_batch(batch_index)
                 noise_inputs = noise_sampler.draw(batch_shape_of(batch, train_group))
-                loss = train_step(*to_tensors(batch), *to_tensors(noise_inputs))
-                loss_value = float(loss[0].asnumpy()) * args.gradient_accumulation_steps
+                outputs = compiled_step(*to_tensors(batch), *to_tensors(noise_inputs))
+                loss_value = float(outputs[0].asnumpy()) * args.gradient_accumulation_steps
+                grads_finite = bool(outputs[2].asnumpy()) if len(outputs) > 2 else True  # see TrainStepForSDXLLoRA
+                if not (math.isfinite(loss_value) and grads_finite):
+                    stop.uninstall()
+                    progress.close()
+                    tracker.close()  # what was logged so far stays readable
+                    raise NonFiniteTrainingError(global_step + 1, epoch + 1, loss_value, details["image_key"])
                 if not bool(train_step.sync_gradients.asnumpy()):
                     continue  # accumulating: no optimizer step yet
 
@@ -245,7 +271,12 @@ class NetworkTrainer:
                         remove_state(train_util.STEP_STATE_NAME.format(output_name or "at", remove_no))
                 if global_step >= args.max_train_steps:
                     break
+                if stop.requested():
+                    stopping = True
+                    break
 
+            if stopping:
+                break
             tracker.log({"loss/epoch_average": loss_recorder.moving_average}, epoch + 1)
             if global_step >= args.max_train_steps:
                 current_epoch = epoch + 1
@@ -258,7 +289,22 @@ class NetworkTrainer:
                 remove_no = train_util.get_remove_epoch_no(args, epoch + 1)
                 if remove_no is not None:
                     remove_model(train_util.get_epoch_ckpt_name(output_name, remove_no))
+        stop.uninstall()
         progress.close()
+        if stopping:
+            saved = [save_model(train_util.get_step_ckpt_name(output_name, global_step), global_step, current_epoch + 1)]
+            if args.save_state:
+                state_name = train_util.STEP_STATE_NAME.format(output_name or "at", global_step)
+                save_state(state_name)
+                saved.append(os.path.join(args.output_dir, state_name))
+            tracker.close()
+            if dist.is_main_process:
+                how = (f"continue with the same command and --resume {saved[1]}" if args.save_state else
+                       f"the training state was not saved (add --save_state for that); --network_weights {saved[0]} "
+                       "starts a new run from these weights")
+                print(f"{stop.signal_name}: stopped after step {global_step} of {args.max_train_steps}; saved "
+                      f"{' and '.join(saved)}; {how}", file=sys.stderr, flush=True)
+            raise SystemExit(interrupts.EXIT_CODE)
         tracker.close()
 
         if args.save_state or args.save_state_on_train_end:
@@ -304,6 +350,18 @@ class NetworkTrainer:
 # ----- helpers ---------------------------------------------------------------------------------------------------
 
 
+class NonFiniteTrainingError(ValueError):
+    """The loss or the gradients of a step were NaN or inf: the run stops before the weights are saved."""
+
+    def __init__(self, step: int, epoch: int, loss: float, image_keys):
+        what = f"the loss is {loss}" if not math.isfinite(loss) else "the gradients are not finite"
+        super().__init__(
+            f"step {step} (epoch {epoch}): {what} (batch: {', '.join(image_keys)}); training stopped and nothing "
+            "more was saved (files saved before this step are intact). Try a lower --learning_rate, "
+            "--max_grad_norm, or --no_half_vae / --mixed_precision no"
+        )
+
+
 def set_seed(seed: int):
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -317,23 +375,19 @@ def cast_parameters(model, dtype):
 
 
 def configure_mindspore(args):
-    """Graph mode on whatever backend this MindSpore build targets; optional compile cache."""
+    """Graph mode on whatever backend this MindSpore build targets (the compile cache: library/graph_compile.py)."""
     ms.set_context(mode=ms.GRAPH_MODE)
-    if args.compile_cache_dir:
-        if args.gradient_accumulation_steps > 1:
-            raise ValueError("--compile_cache_dir cannot be used with --gradient_accumulation_steps > 1: MindSpore 2.10 "
-                             "fails to run a cached graph with the accumulation branch")
-        os.makedirs(args.compile_cache_dir, exist_ok=True)
-        ms.set_context(enable_compile_cache=True, compile_cache_path=args.compile_cache_dir)
 
 
 def prepare_dtype(args):
-    """(weight_dtype, save_dtype as numpy dtype or None)."""
+    """(weight_dtype, save_dtype as numpy dtype or None). bf16 on CPU runs in fp32: the flags are rewritten to
+    what runs, so ss_mixed_precision records it and the warning comes once (later calls see "no")."""
     import ml_dtypes
 
+    if args.mixed_precision == "bf16" and ms.get_context("device_target") == "CPU":
+        logger.warning("--mixed_precision bf16: MindSpore has no bf16 matmul on CPU; computing in fp32 instead")
+        args.mixed_precision, args.full_bf16 = "no", False
     weight_dtype = {"no": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[args.mixed_precision]
-    if weight_dtype == ms.bfloat16 and ms.get_context("device_target") == "CPU":
-        raise ValueError("--mixed_precision bf16: MindSpore has no bf16 matmul on CPU; use fp16 or no")
     save_dtype = {None: None, "float": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16}[args.save_precision]
     return weight_dtype, save_dtype
 
@@ -374,6 +428,7 @@ def lr_logs(lrs, descriptions):
 
 def setup_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="LoRA training (Kohya-compatible flags)")
+    console.add_logging_arguments(parser)
     train_util.add_sd_models_arguments(parser)
     sai_model_spec.add_model_spec_arguments(parser)
     train_util.add_dataset_arguments(parser, True, True, True)

@@ -38,6 +38,7 @@ import sdxl_train_network  # noqa: E402
 import train_network  # noqa: E402
 from library import optimizers, sdxl_model_util  # noqa: E402
 from library.custom_train_functions import DiffusionNoiseAndLoss  # noqa: E402
+from library.graph_compile import CompiledStep  # noqa: E402
 from library.noise_sampling import NoiseSampler  # noqa: E402
 from library.sdxl_tokenize import SdxlTokenizeStrategy  # noqa: E402
 from networks import lora  # noqa: E402
@@ -62,6 +63,11 @@ def parse_args(argv=None):
     parser.add_argument("--cache_comparison", action="store_true",
                         help="run twice in fresh processes with one compile cache dir (a temporary one unless "
                              "--compile_cache_dir names an empty or new folder) and report both first-call times")
+    parser.add_argument("--static_shapes", action="store_true",
+                        help="compile per input shape, as the trainer's --static_shapes (default: one dynamic-shape graph)")
+    parser.add_argument("--second_resolution", type=int, default=None,
+                        help="after the timed steps, run steps at this resolution too (a second bucket): shows whether "
+                             "it compiles again")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="bench/results.json")
     return parser.parse_args(argv)
@@ -153,11 +159,14 @@ def measure(args):
     batch = tuple(ms.Tensor(a) for a in make_batch(config, args, rng))
     noise_sampler = NoiseSampler(targs, seed=args.seed)
     latent_shape = batch[0].shape
+    # the trainer's way of calling the step: dynamic shapes (or --static_shapes) and the compile cache
+    compiled_step = CompiledStep(train_step, (True,) * len(batch) + noise_sampler.per_sample,
+                                 static_shapes=args.static_shapes, compile_cache_dir=cache_dir)
 
     def run_step():
-        noise = tuple(ms.Tensor(a) for a in noise_sampler.draw(latent_shape))
+        noise = tuple(ms.Tensor(a) for a in noise_sampler.draw(batch[0].shape))
         start = time.perf_counter()
-        _, loss = train_step(*batch, *noise)
+        loss = compiled_step(*batch, *noise)[1]
         loss = float(loss.asnumpy())  # waits for the device: asynchronous backends return before finishing
         return time.perf_counter() - start, loss
 
@@ -169,6 +178,14 @@ def measure(args):
         seconds, last_loss = run_step()
         step_times.append(seconds)
     step_median = statistics.median(step_times)
+    second_shape = None
+    if args.second_resolution:
+        first_resolution, args.resolution = args.resolution, args.second_resolution
+        batch = tuple(ms.Tensor(a) for a in make_batch(config, args, rng))
+        args.resolution = first_resolution
+        times = [run_step()[0] for _ in range(1 + args.warmup + min(args.steps, 3))]
+        second_shape = {"resolution": args.second_resolution, "first_call_s": times[0],
+                        "step_s_median": statistics.median(times[1 + args.warmup:])}
 
     return {
         "config": config_name,
@@ -183,6 +200,7 @@ def measure(args):
             "optimizer": "AdamW",
             "max_grad_norm": targs.max_grad_norm,
             "compile_cache_dir": cache_dir,
+            "static_shapes": args.static_shapes,
         },
         "model": {
             "unet_params_incl_lora": sum(p.size for p in train_step.unet.get_parameters()),
@@ -201,6 +219,8 @@ def measure(args):
             "device_memory": device_memory_mb(),
             "loss_first": first_loss,
             "loss_last": last_loss,
+            "second_shape": second_shape,
+            "num_compiles": compiled_step.num_compiles,
         },
         "loadavg_start": list(load_start),
         "loadavg_end": list(os.getloadavg()),
@@ -217,6 +237,10 @@ def measure_in_child(args, config_name, compile_cache_dir):
                "--seed", str(args.seed), "--output", output]
         if args.with_text_encoders:
             cmd.append("--with_text_encoders")
+        if args.static_shapes:
+            cmd.append("--static_shapes")
+        if args.second_resolution:
+            cmd += ["--second_resolution", str(args.second_resolution)]
         if compile_cache_dir:
             cmd += ["--compile_cache_dir", compile_cache_dir]
         print("running:", " ".join(cmd), flush=True)
@@ -289,8 +313,11 @@ def main(argv=None):
             print(f"{run['config']}: FAILED (cache dir: {run['compile_cache_dir']}): {run['error']}")
             continue
         r = run["results"]
+        second = r["second_shape"]
+        second = f", second shape: first call {second['first_call_s']:.1f} s, {second['step_s_median']:.3f} s/step" if second else ""
         print(f"{run['config']}: first call {r['first_call_s']:.1f} s, {r['step_s_median']:.3f} s/step, "
-              f"peak RSS {r['peak_rss_mb']:.0f} MB (cache dir: {run['settings']['compile_cache_dir']})")
+              f"peak RSS {r['peak_rss_mb']:.0f} MB, {r['num_compiles']} compile(s){second} "
+              f"(cache dir: {run['settings']['compile_cache_dir']})")
     print(f"wrote {args.output}")
 
 

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from mindspore import nn, ops
 
-from library.layers import GroupNorm, attention, conv2d, dense
+from library.layers import GraphEntry, GroupNorm, ReusedCell, attention, conv2d, dense
 
 SDXL_VAE_SCALE_FACTOR = 0.13025
 
@@ -51,7 +51,7 @@ class DiagonalGaussianDistribution:
         return self.mean
 
 
-class ResnetBlock2D(nn.Cell):
+class ResnetBlock2D(ReusedCell):
     """GroupNorm -> SiLU -> conv, twice, plus a residual (1x1 conv when the width changes); no time embedding."""
 
     def __init__(self, in_channels: int, out_channels: int, groups: int):
@@ -213,7 +213,7 @@ class Decoder(nn.Cell):
         return self.conv_out(ops.silu(self.conv_norm_out(x)))
 
 
-class AutoencoderKL(nn.Cell):
+class AutoencoderKL(GraphEntry):
     """KL-regularised autoencoder; the defaults are the SDXL base VAE (83,653,863 parameters).
 
     Keyword names are the `vae` section of `configs/*.json` (and of diffusers' config.json), so

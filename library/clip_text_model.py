@@ -17,7 +17,7 @@ import logging
 
 from mindspore import nn, ops
 
-from library.layers import Embedding, LayerNorm, attention, causal_mask, dense
+from library.layers import Embedding, GraphEntry, LayerNorm, ReusedCell, attention, causal_mask, dense
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class CLIPMLP(nn.Cell):
         return self.fc2(self.act(self.fc1(hidden_states)))
 
 
-class CLIPEncoderLayer(nn.Cell):
+class CLIPEncoderLayer(ReusedCell):
     """Pre-LayerNorm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
     def __init__(self, hidden_size, intermediate_size, num_attention_heads, hidden_act, layer_norm_eps):
@@ -124,7 +124,7 @@ class CLIPTextTransformer(nn.Cell):
         return last_hidden_state, pooled_output, hidden_states
 
 
-class _CLIPTextModelBase(nn.Cell):
+class _CLIPTextModelBase(GraphEntry):
     def __init__(self, vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
                  max_position_embeddings, hidden_act, layer_norm_eps):
         super().__init__()

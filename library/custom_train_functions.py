@@ -78,12 +78,13 @@ def bilinear_resize_matrix(in_size, out_size, max_in_size):
     run time, while every shape in the graph stays static. Columns >= in_size are zero.
     """
     in_size = ops.cast(in_size, ms.float32)
-    dst = Tensor(np.arange(out_size, dtype=np.float32))
+    # ops.arange, not numpy: under dynamic shapes (library/graph_compile.py) the sizes are known only at run time
+    dst = ops.arange(0, out_size, dtype=ms.float32)
     src = ops.clamp((dst + 0.5) * (in_size / out_size) - 0.5, min=0.0)  # half-pixel centres
     i0 = ops.floor(src)
     i1 = ops.minimum(i0 + 1.0, in_size - 1.0)
     w1 = src - i0
-    cols = Tensor(np.arange(max_in_size, dtype=np.float32))
+    cols = ops.arange(0, max_in_size, dtype=ms.float32)
     hit0 = ops.cast(ops.equal(cols[None, :], i0[:, None]), ms.float32)
     hit1 = ops.cast(ops.equal(cols[None, :], i1[:, None]), ms.float32)
     return hit0 * (1.0 - w1)[:, None] + hit1 * w1[:, None]

@@ -1,5 +1,6 @@
 """The `ss_*` training metadata a LoRA file carries, with upstream's keys (all values are strings)."""
 
+import hashlib
 import json
 import os
 
@@ -92,14 +93,46 @@ def build_training_metadata(args, session_id, training_started_at, train_group, 
             "ss_keep_tokens": args.keep_tokens,
         })
     metadata.update(dataset_metadata(train_group, from_config))
-    net_kwargs = parse_network_args(args.network_args)
-    if net_kwargs:
-        metadata["ss_network_args"] = json.dumps(net_kwargs)
+    if args.network_args:
+        metadata["ss_network_args"] = json.dumps(network_kwargs(args))
+    # upstream hashes the base model (and VAE) file: the old webui hash and the full sha256
     if args.pretrained_model_name_or_path:
         metadata["ss_sd_model_name"] = model_name(args.pretrained_model_name_or_path)
+        if os.path.isfile(args.pretrained_model_name_or_path):
+            metadata["ss_sd_model_hash"] = model_hash(args.pretrained_model_name_or_path)
+            metadata["ss_new_sd_model_hash"] = calculate_sha256(args.pretrained_model_name_or_path)
     if args.vae:
         metadata["ss_vae_name"] = model_name(args.vae)
+        if os.path.isfile(args.vae):
+            metadata["ss_vae_hash"] = model_hash(args.vae)
+            metadata["ss_new_vae_hash"] = calculate_sha256(args.vae)
     return {key: str(value) for key, value in metadata.items()}
+
+
+def network_kwargs(args) -> dict:
+    """The kwargs upstream's train_network passes to create_network, which it stores as ss_network_args:
+    --network_args split at the first '=' (values stay strings), plus "dropout": --network_dropout (None too)
+    unless --network_args sets it or --dim_from_weights is given."""
+    kwargs = parse_network_args(args.network_args)
+    if not args.dim_from_weights and "dropout" not in kwargs:
+        kwargs["dropout"] = args.network_dropout
+    return kwargs
+
+
+def model_hash(path: str) -> str:
+    """stable-diffusion-webui's old model hash: sha256 of the 64 KiB at 1 MiB into the file, 8 hex digits."""
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
+def calculate_sha256(path: str) -> str:
+    """stable-diffusion-webui's new model hash: sha256 of the whole file, read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1024 * 1024), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def model_name(path: str) -> str:

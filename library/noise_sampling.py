@@ -38,6 +38,11 @@ class NoiseSampler:
             names += ["ip_noise", "ip_strength"]
         return tuple(names)
 
+    @property
+    def per_sample(self):
+        """For each field, whether its first axis is the batch (the strengths and pyramid scales are per step)."""
+        return tuple(not name.endswith(("_strength", "_scales")) for name in self.fields)
+
     def draw(self, latent_shape):
         b, c, h, w = latent_shape
         normal = self.rng.standard_normal

@@ -403,10 +403,8 @@ def _unavailable(optimizer_type):
     return ValueError(f"--optimizer_type {optimizer_type}: {why}; {instead}")
 
 
-def resolve_optimizer_type(args):
-    """The optimizer kind (a key of OPTIMIZER_NAMES) for the flags; raises for unavailable ones.
-
-    Cheap and model-free, so the trainer calls it before loading any model."""
+def requested_optimizer_type(args) -> str:
+    """The optimizer name the flags ask for (legacy --use_8bit_adam / --use_lion_optimizer resolved)."""
     optimizer_type = args.optimizer_type or ""
     if args.use_8bit_adam:
         if args.use_lion_optimizer:
@@ -418,7 +416,15 @@ def resolve_optimizer_type(args):
         if optimizer_type:
             raise ValueError("both option use_lion_optimizer and optimizer_type are specified")
         optimizer_type = "Lion"
-    optimizer_type = optimizer_type or "AdamW"
+    return optimizer_type or "AdamW"
+
+
+def resolve_optimizer_type(args):
+    """The optimizer kind (a key of OPTIMIZER_NAMES) for the flags; raises for unavailable ones.
+
+    Cheap, model-free and silent, so the trainer calls it before loading any model; get_optimizer logs the
+    bitsandbytes fallback (once per run)."""
+    optimizer_type = requested_optimizer_type(args)
     kind = optimizer_type.lower()
 
     if getattr(args, "fused_backward_pass", False):
@@ -427,11 +433,7 @@ def resolve_optimizer_type(args):
         if args.gradient_accumulation_steps != 1:
             raise ValueError("fused_backward_pass does not work with gradient_accumulation_steps > 1")
 
-    if kind in _BITSANDBYTES_FALLBACKS:
-        fallback = _BITSANDBYTES_FALLBACKS[kind]
-        logger.warning(f"--optimizer_type {optimizer_type}: bitsandbytes is CUDA-only; using "
-                       f"{OPTIMIZER_NAMES[fallback][0]} with the same update rule and full-precision state")
-        kind = fallback
+    kind = _BITSANDBYTES_FALLBACKS.get(kind, kind)
     if kind not in OPTIMIZER_NAMES:
         raise _unavailable(optimizer_type)
     optimizer_kwargs = parse_optimizer_args(args.optimizer_args)
@@ -450,6 +452,10 @@ def get_optimizer(args, param_groups):
     args.learning_rate to None and args.lr_scheduler to "adafactor:<lr>", as upstream does.
     """
     kind = resolve_optimizer_type(args)
+    requested = requested_optimizer_type(args)
+    if requested.lower() in _BITSANDBYTES_FALLBACKS:
+        logger.warning(f"--optimizer_type {requested}: bitsandbytes is CUDA-only; using "
+                       f"{OPTIMIZER_NAMES[kind][0]} with the same update rule and full-precision state")
     optimizer_kwargs = parse_optimizer_args(args.optimizer_args)
     for key in sorted(_TORCH_IMPLEMENTATION_KWARGS & set(optimizer_kwargs)):
         logger.info(f"--optimizer_args {key}: a torch implementation switch, not used on MindSpore")

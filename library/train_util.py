@@ -4,6 +4,7 @@ argument checks, checkpoint names and the loss moving average."""
 import argparse
 import logging
 import os
+import tempfile
 
 import toml
 
@@ -202,7 +203,11 @@ def add_training_arguments(parser):
     parser.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight for regularization images")
     parser.add_argument("--clip_skip", type=int, default=None, help="no effect for SDXL")
     parser.add_argument("--lowvram", action="store_true", help="torch-only; see README")
-    parser.add_argument("--compile_cache_dir", type=str, default=None, help="MindSpore graph compile cache directory")
+    parser.add_argument("--compile_cache_dir", type=str, default=None,
+                        help="MindSpore compile cache: the compiled training step is kept here and reused by later runs "
+                             "with the same model, network and flags")
+    parser.add_argument("--static_shapes", action="store_true",
+                        help="compile the training step once per bucket shape instead of once for all (see README)")
 
 
 def add_config_file_arguments(parser):
@@ -210,8 +215,9 @@ def add_config_file_arguments(parser):
     parser.add_argument("--output_config", action="store_true", help="write the arguments to --config_file and exit")
 
 
-def read_config_from_file(args, parser):
+def read_config_from_file(args, parser, argv=None):
     """`--config_file`: flatten the TOML's sections; CLI overrides the file, the file overrides defaults.
+    `argv`: the command line `args` came from (None: sys.argv, as argparse).
 
     With `--output_config`, write the non-default arguments to the file instead and exit.
     """
@@ -248,7 +254,7 @@ def read_config_from_file(args, parser):
     unknown = sorted(set(flat) - known)
     if unknown:
         raise SystemExit(f"--config_file {config_path}: unknown arguments: {', '.join(unknown)}")
-    explicit = parser.parse_args(namespace=argparse.Namespace(**flat))
+    explicit = parser.parse_args(argv, namespace=argparse.Namespace(**flat))
     explicit.config_file = os.path.splitext(config_path)[0]
     return explicit
 
@@ -290,6 +296,10 @@ def verify_training_args(args):
         args.cache_latents = True
     if args.gradient_accumulation_steps < 1:
         raise ValueError(f"--gradient_accumulation_steps must be >= 1, got {args.gradient_accumulation_steps}")
+    if args.compile_cache_dir and args.gradient_accumulation_steps > 1:
+        # measured on MindSpore 2.10: a cached graph with the accumulation branch steps the optimizer on every batch
+        raise ValueError("--compile_cache_dir cannot be used with --gradient_accumulation_steps > 1: MindSpore 2.10 "
+                         "runs the accumulation branch of a cached graph wrongly (it steps on every batch)")
     if args.train_batch_size < 1:
         raise ValueError(f"--train_batch_size must be >= 1, got {args.train_batch_size}")
     if args.max_grad_norm is not None and args.max_grad_norm < 0:
@@ -300,6 +310,38 @@ def verify_training_args(args):
         raise ValueError("--output_dir is required")
     if args.zero_terminal_snr and not args.v_parameterization:
         logger.warning("--zero_terminal_snr without --v_parameterization may give poor results")
+
+
+# folders the run writes to: created and test-written before any model loads, so a bad path costs seconds
+OUTPUT_DIR_FLAGS = ("output_dir", "logging_dir", "tokenizer_cache_dir", "compile_cache_dir")
+
+
+def check_output_paths(args):
+    """Create every folder a flag names for writing and write a probe file there; ValueError naming the flag,
+    the path and the reason otherwise. (Latent and text-encoder disk caches go beside the images, whose folders
+    the dataset checks.)"""
+    for flag in OUTPUT_DIR_FLAGS:
+        path = getattr(args, flag, None)
+        if path:
+            reason = _unwritable_reason(path)
+            if reason:
+                raise ValueError(f"--{flag} {path}: cannot write there: {reason}")
+
+
+def _unwritable_reason(path):
+    """Why files cannot be written into folder `path` (created if missing), or None."""
+    ancestor = os.path.abspath(path)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        return "it is a file, not a folder" if ancestor == os.path.abspath(path) else f"{ancestor} is a file, not a folder"
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------

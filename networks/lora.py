@@ -84,6 +84,7 @@ class LoRAModule(nn.Cell):
                  module_dropout: Optional[float] = None):
         super().__init__()
         self.lora_name = lora_name
+        self.graph_neutral_attributes = ("lora_name",)  # one graph serves every module of a repeated block
         self.lora_dim = int(lora_dim)
         if isinstance(org_module, nn.Conv2d):
             in_dim = org_module.in_channels
@@ -613,24 +614,33 @@ class LoRAMerger:
         self.multiplier = float(multiplier)
 
     def merge_to(self, weights_sd: Dict[str, np.ndarray]):
-        """weight += multiplier * alpha / dim * up @ down for every module of `weights_sd` that has a target."""
+        """weight += multiplier * alpha / dim * up @ down for every module of `weights_sd` that has a target.
+
+        Every module is checked first (from the down/up shapes), so a file that does not fit changes no weight; then
+        one module's delta exists at a time (all deltas at once are a second fp32 UNet: 12 GB at SDXL size)."""
         dims, alphas = lora_io.modules_dims_and_alphas(weights_sd)
-        updates = []
+        merges = []
         for name, layer in self.targets.items():
             if name not in dims:
                 continue
-            up_key = f"{name}.{lora_io.LORA_UP}"
+            down_key, up_key = f"{name}.{lora_io.LORA_DOWN}", f"{name}.{lora_io.LORA_UP}"
             if up_key not in weights_sd:
-                raise ValueError(f"LoRA weights have '{name}.{lora_io.LORA_DOWN}' but no '{up_key}'")
-            delta = lora_delta(weights_sd[f"{name}.{lora_io.LORA_DOWN}"], weights_sd[up_key], alphas[name] / dims[name])
-            if delta.shape != tuple(layer.weight.shape):
-                raise ValueError(f"{name}: the LoRA's update has shape {delta.shape}, the model weight "
+                raise ValueError(f"LoRA weights have '{down_key}' but no '{up_key}'")
+            down_shape, up_shape = tuple(weights_sd[down_key].shape), tuple(weights_sd[up_key].shape)
+            if up_shape[1:2] != down_shape[:1]:
+                raise ValueError(f"{name}: lora_up {up_shape} does not fit lora_down {down_shape}")
+            # lora_delta's result: up's rows by down's input (and kernel) dimensions
+            delta_shape = up_shape[:1] + down_shape[1:]
+            if delta_shape != tuple(layer.weight.shape):
+                raise ValueError(f"{name}: the LoRA's update has shape {delta_shape}, the model weight "
                                  f"{tuple(layer.weight.shape)}")
-            updates.append((layer.weight, delta))
-        for weight, delta in updates:
-            merged = weight.asnumpy().astype(np.float32) + self.multiplier * delta
+            merges.append((layer.weight, weights_sd[down_key], weights_sd[up_key], alphas[name] / dims[name]))
+        for weight, down, up, scale in merges:
+            merged = weight.asnumpy().astype(np.float32)  # a copy: asnumpy() shares the parameter's memory
+            merged += self.multiplier * lora_delta(down, up, scale)
             weight.set_data(Tensor(merged, weight.dtype))
-        logger.info(f"merged {len(updates)} LoRA modules with multiplier {self.multiplier}")
+            del merged  # now, not when the next module's copy replaces it
+        logger.info(f"merged {len(merges)} LoRA modules with multiplier {self.multiplier}")
 
 
 # ------------------------------------------------------------------------------------------------ network_args

@@ -43,6 +43,17 @@ def read_lora_file(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
     return tensors, metadata
 
 
+def read_metadata(path: str) -> Dict[str, str]:
+    """The string metadata of any `.safetensors` file (LoRA or checkpoint), without reading its tensors."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"file not found: {path}")
+    try:
+        with safetensors.safe_open(path, framework="np") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises several types for corrupt headers
+        raise ValueError(f"{path}: not a readable .safetensors file ({e})") from e
+
+
 def addnet_hash_safetensors(data: bytes) -> str:
     """sha256 of everything after the header: depends on the tensors only, not on the metadata."""
     header_len = int.from_bytes(data[:8], "little")
@@ -71,6 +82,9 @@ def write_lora_file(path: str, tensors: Dict[str, np.ndarray], metadata: Dict[st
         if not isinstance(value, str):
             raise TypeError(f"metadata '{key}' must be a str (safetensors stores strings), got {type(value).__name__}")
     tensors = {k: np.asarray(v, order="C") for k, v in tensors.items()}  # (ascontiguousarray makes 0-d 1-d)
+    for key, value in tensors.items():
+        if not np.isfinite(value.astype(np.float32)).all():
+            raise ValueError(f"{path}: not written: {key} has non-finite values (NaN or inf)")
     model_hash, legacy_hash = precalculate_safetensors_hashes(tensors, metadata)
     metadata["sshs_model_hash"] = model_hash
     metadata["sshs_legacy_hash"] = legacy_hash
@@ -175,8 +189,14 @@ def convert_diffusers_to_sgm(tensors: Dict[str, np.ndarray]) -> Tuple[Dict[str, 
     return converted, sorted(set(failed))
 
 
-def describe_lora_names(names: Iterable[str]) -> str:
-    """A guess at what kind of file a set of module/key names comes from, for error messages."""
+# SD 1.x/2.x UNet module names (diffusers layout) that SDXL's UNet, with 3 levels and no attention in the first,
+# cannot have; other diffusers names may be an SDXL LoRA and are converted (convert_diffusers_to_sgm)
+_SD1_UNET_PREFIXES = ("lora_unet_down_blocks_0_attentions_", "lora_unet_down_blocks_3_", "lora_unet_up_blocks_3_")
+
+
+def foreign_lora_kind(names: Iterable[str]):
+    """What kind of file a set of module/key names comes from when it cannot be an SDXL LoRA in Kohya's format,
+    else None."""
     names = list(names)
     if any(".hada_w1" in n for n in names):
         return "a LyCORIS LoHa file (not plain LoRA)"
@@ -188,6 +208,48 @@ def describe_lora_names(names: Iterable[str]) -> str:
         return "a LoRA for a DiT model (SD3/Flux), not SDXL"
     if any(n.startswith("lora_te_") for n in names):
         return "an SD 1.x/2.x LoRA (one text encoder: lora_te_ keys), not SDXL (lora_te1_/lora_te2_)"
-    if any(n.startswith(("lora_unet_", "lora_te1_", "lora_te2_")) for n in names):
-        return "a Kohya SDXL-style LoRA whose module names or shapes do not fit this model"
-    return "not a Kohya LoRA file (no lora_unet_/lora_te*_ keys)"
+    if any(n.startswith(_SD1_UNET_PREFIXES) for n in names):
+        return "an SD 1.x/2.x LoRA (UNet blocks SDXL does not have, e.g. down_blocks_0 attentions), not SDXL"
+    if not any(n.startswith(("lora_unet_", "lora_te1_", "lora_te2_")) for n in names):
+        return "not a Kohya LoRA file (no lora_unet_/lora_te*_ keys)"
+    return None
+
+
+def describe_lora_names(names: Iterable[str]) -> str:
+    """A guess at what kind of file a set of module/key names comes from, for error messages."""
+    return foreign_lora_kind(names) or "a Kohya SDXL-style LoRA whose module names or shapes do not fit this model"
+
+
+def check_sdxl_lora_file(path: str):
+    """One-line ValueError naming `path` when the file is not an SDXL LoRA in Kohya's format, when a module's
+    lora_up does not take its lora_down's rank, or when a tensor holds NaN or inf (a diverged run: merging it
+    would turn every image black). Checks the header first, then reads one tensor at a time; cheap to run on
+    every file before any weight is loaded or changed."""
+    try:
+        with safetensors.safe_open(path, framework="np") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except Exception as e:  # safetensors raises several types for corrupt headers
+        raise ValueError(f"{path}: not a readable .safetensors file ({e})") from e
+    kind = foreign_lora_kind(shapes)
+    if kind:
+        raise ValueError(f"{path}: it looks like {kind}; only SDXL LoRAs (lora_unet_/lora_te1_/lora_te2_ keys) merge here")
+    for key, down in shapes.items():
+        name, suffix = split_lora_key(key)
+        if suffix != LORA_DOWN:
+            continue
+        up = shapes.get(f"{name}.{LORA_UP}")
+        if up is None:
+            raise ValueError(f"{path}: module {name}: has {LORA_DOWN} but no {LORA_UP}")
+        rank = down[0] if down else None
+        if len(up) != len(down) or len(up) < 2 or up[1] != rank:
+            expected = up[:1] + (rank,) + (1,) * (len(down) - 2)
+            raise ValueError(f"{path}: module {name}: {LORA_DOWN} {down} has rank {rank}, so {LORA_UP} should have "
+                             f"shape {expected}; found {up}")
+        alpha = shapes.get(f"{name}.{ALPHA}")
+        if alpha is not None and int(np.prod(alpha)) != 1:
+            raise ValueError(f"{path}: module {name}: {ALPHA} should be a single number; found shape {alpha}")
+    with safetensors.safe_open(path, framework="np") as f:
+        for key in f.keys():
+            if not np.isfinite(f.get_tensor(key).astype(np.float32)).all():
+                raise ValueError(f"{path}: module {split_lora_key(key)[0]}: {key} has non-finite values (NaN or inf); "
+                                 "the file comes from a diverged training run and cannot be used")

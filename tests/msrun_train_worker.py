@@ -39,7 +39,7 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     NoiseSampler.draw = shared_noise_draw
     parser = sdxl_train_network.setup_parser()
-    args = train_util.read_config_from_file(parser.parse_args(train_argv), parser)
+    args = train_util.read_config_from_file(parser.parse_args(train_argv), parser, train_argv)
     trainer = sdxl_train_network.SdxlNetworkTrainer()
     trainer.train(args)  # under msrun, the scheduler process ends inside train()
     os.makedirs(dump_dir, exist_ok=True)

@@ -4,7 +4,9 @@ Everything runs on the tiny random checkpoint at 64x64 (8x8 latents) with 2-3 st
 end-to-end run, which takes the default graph path and is compared with the eager image.
 """
 
+import logging
 import os
+import re
 
 import mindspore as ms
 import numpy as np
@@ -247,15 +249,12 @@ def foreign_lora(tmp_path_factory):
     ("missing checkpoint", ["--ckpt_path", "nowhere.safetensors"], "checkpoint not found: nowhere.safetensors"),
     ("missing LoRA", ["--lora_weights", "nowhere.safetensors;0.5"], "LoRA file not found: nowhere.safetensors"),
     ("malformed LoRA spec", ["--lora_weights", "{lora};strong"], "expected 'path' or 'path;multiplier'"),
-    ("LoRA for another model", ["--lora_weights", "{foreign}"], "none of its 2 LoRA modules matches"),
+    ("LoRA for another model", ["--lora_weights", "{foreign}"], "it looks like an SD 1.x/2.x LoRA"),
     ("size not a multiple of 8", ["--target_height", "60"], "positive multiples of 8"),
     ("size the UNet cannot halve twice", ["--target_width", "72"], "positive multiples of 32"),
-    ("bf16 without a bf16 matmul", ["--dtype", "bf16"], "no bf16 matmul kernel on CPU"),
 ])
 def test_cli_bad_input_fails_before_sampling_and_writes_nothing(ckpt, lora_file, foreign_lora, tmp_path, capsys,
                                                                case, extra_args, message):
-    if case == "bf16 without a bf16 matmul" and ms.get_context("device_target") != "CPU":
-        pytest.skip("bf16 runs on GPU/Ascend")
     out = tmp_path / "out"
     args = ["--ckpt_path", ckpt, "--target_height", "64", "--target_width", "64", "--steps", "2", "--seed", "0",
             "--output_dir", str(out)]
@@ -265,3 +264,55 @@ def test_cli_bad_input_fails_before_sampling_and_writes_nothing(ckpt, lora_file,
     assert exit_info.value.code != 0
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def write_lora(path, shapes):
+    save_file({key: np.zeros(shape, np.float32) for key, shape in shapes.items()}, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("shapes, message", [
+    ({"lora_unet_output_blocks_3_1_proj_in.lora_down.weight": (4, 64),
+      "lora_unet_output_blocks_3_1_proj_in.lora_up.weight": (64, 8)},
+     r"module lora_unet_output_blocks_3_1_proj_in: lora_down.weight \(4, 64\) has rank 4, so lora_up.weight should "
+     r"have shape \(64, 4\); found \(64, 8\)$"),
+    ({"lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight": (4, 32, 3, 3),
+      "lora_unet_input_blocks_1_0_in_layers_2.lora_up.weight": (32, 2, 1, 1)},
+     r"lora_down.weight \(4, 32, 3, 3\) has rank 4, so lora_up.weight should have shape \(32, 4, 1, 1\); "
+     r"found \(32, 2, 1, 1\)$"),
+    ({"lora_unet_output_blocks_3_1_proj_in.lora_down.weight": (4, 64)}, "has lora_down.weight but no lora_up.weight"),
+    ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 320),
+      "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": (320, 4)},
+     "it looks like an SD 1.x/2.x LoRA .UNet blocks SDXL does not have"),
+    ({"lora_unet_middle_block_1_proj_in.hada_w1_a": (64, 4), "lora_unet_middle_block_1_proj_in.hada_w1_b": (4, 64)},
+     "it looks like a LyCORIS LoHa file"),
+    ({"lora_unet_middle_block_1_proj_in.lokr_w1": (8, 8), "lora_unet_middle_block_1_proj_in.lokr_w2": (8, 8)},
+     "it looks like a LyCORIS LoKr file"),
+])
+def test_lora_file_checks_name_the_file_and_the_problem(ckpt, tmp_path, shapes, message):
+    path = write_lora(tmp_path / "bad.safetensors", shapes)
+    with pytest.raises(ValueError, match=f"^{re.escape(path)}: .*{message}") as error:
+        smi.SdxlPipeline(ckpt, [smi.LoraWeight(path, 1.0)])
+    assert "\n" not in str(error.value)
+
+
+def test_rank_mismatch_fails_before_the_checkpoint_loads(ckpt, tmp_path, capsys):
+    path = write_lora(tmp_path / "bad_rank.safetensors", {
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": (8, 32),
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": (37, 4)})
+    with pytest.raises(SystemExit):
+        smi.main(["--ckpt_path", ckpt, "--lora_weights", path, "--target_height", "64", "--target_width", "64",
+                  "--steps", "1", "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert f"{path}: module lora_te1_text_model_encoder_layers_0_mlp_fc1: lora_down.weight (8, 32) has rank 8" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bf16_on_cpu_runs_in_fp32_with_a_warning(caplog):
+    if ms.get_context("device_target") != "CPU":
+        pytest.skip("bf16 runs on GPU/Ascend")
+    with caplog.at_level(logging.WARNING):
+        assert smi.runnable_dtype("bf16") == "fp32"
+    assert [r.getMessage() for r in caplog.records] == [
+        "--dtype bf16: MindSpore has no bf16 matmul kernel on CPU; computing in fp32 instead"]
+    assert smi.runnable_dtype("fp32") == "fp32"

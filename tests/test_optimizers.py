@@ -323,3 +323,15 @@ def test_get_optimizer_adafactor_relative_step_takes_over_lr():
 def test_get_optimizer_errors(argv, message):
     with pytest.raises(ValueError, match=message):
         opt_lib.get_optimizer(parse(argv), make_params())
+
+
+def test_bitsandbytes_fallback_warns_once_per_run(caplog):
+    # the trainer checks the flags early (resolve_optimizer_type) and builds the optimizer later (get_optimizer):
+    # the demo used to print the warning twice
+    args = parse(["--optimizer_type", "AdamW8bit"])
+    with caplog.at_level("WARNING", logger="library.optimizers"):
+        assert opt_lib.resolve_optimizer_type(args) == "adamw"
+        opt_lib.get_optimizer(args, make_params())
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["--optimizer_type AdamW8bit: bitsandbytes is CUDA-only; using torch.optim.adamw.AdamW with "
+                        "the same update rule and full-precision state"]

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import logging
 import os
 import re
 
@@ -12,6 +13,7 @@ from PIL import Image
 from safetensors import safe_open
 
 import sdxl_train_network
+import train_network
 from library.custom_train_functions import ddpm_alphas_cumprod
 from networks.lora import base_state_dict
 from train_helpers import write_training_workspace
@@ -34,6 +36,34 @@ def parse(workspace, output_dir, *extra):
         "--network_alpha", "2", "--output_dir", str(output_dir), "--output_name", "lora", "--seed", "11",
         *extra,
     ])
+
+
+# upstream's train_network.py train(): the metadata dict, its "without --dataset_config" update, ss_network_args
+# (args.network_args given), the model name and hashes (the path exists), the save-time keys (save_model) and
+# network.save_weights' sshs hashes
+UPSTREAM_METADATA_KEYS = {
+    "ss_session_id", "ss_training_started_at", "ss_output_name", "ss_learning_rate", "ss_text_encoder_lr",
+    "ss_unet_lr", "ss_num_train_images", "ss_num_validation_images", "ss_num_reg_images", "ss_num_batches_per_epoch",
+    "ss_num_epochs", "ss_gradient_checkpointing", "ss_gradient_accumulation_steps", "ss_max_train_steps",
+    "ss_lr_warmup_steps", "ss_lr_scheduler", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+    "ss_network_dropout", "ss_mixed_precision", "ss_full_fp16", "ss_v2", "ss_base_model_version", "ss_clip_skip",
+    "ss_max_token_length", "ss_cache_latents", "ss_seed", "ss_lowram", "ss_noise_offset",
+    "ss_multires_noise_iterations", "ss_multires_noise_discount", "ss_adaptive_noise_scale", "ss_zero_terminal_snr",
+    "ss_training_comment", "ss_sd_scripts_commit_hash", "ss_optimizer", "ss_max_grad_norm", "ss_caption_dropout_rate",
+    "ss_caption_dropout_every_n_epochs", "ss_caption_tag_dropout_rate", "ss_face_crop_aug_range",
+    "ss_prior_loss_weight", "ss_min_snr_gamma", "ss_scale_weight_norms", "ss_ip_noise_gamma",
+    "ss_debiased_estimation", "ss_noise_offset_random_strength", "ss_ip_noise_gamma_random_strength",
+    "ss_loss_type", "ss_huber_schedule", "ss_huber_scale", "ss_huber_c", "ss_fp8_base", "ss_fp8_base_unet",
+    "ss_validation_seed", "ss_validation_split", "ss_max_validation_steps", "ss_validate_every_n_epochs",
+    "ss_validate_every_n_steps", "ss_resize_interpolation",
+    # without --dataset_config
+    "ss_batch_size_per_device", "ss_total_batch_size", "ss_resolution", "ss_color_aug", "ss_flip_aug",
+    "ss_random_crop", "ss_shuffle_caption", "ss_enable_bucket", "ss_bucket_no_upscale", "ss_min_bucket_reso",
+    "ss_max_bucket_reso", "ss_keep_tokens", "ss_dataset_dirs", "ss_reg_dataset_dirs", "ss_tag_frequency",
+    "ss_bucket_info",
+    "ss_network_args", "ss_sd_model_name", "ss_sd_model_hash", "ss_new_sd_model_hash",
+    "ss_training_finished_at", "ss_steps", "ss_epoch", "sshs_model_hash", "sshs_legacy_hash",
+}
 
 
 def read_lora(path):
@@ -115,6 +145,18 @@ def test_end_to_end_training_run(workspace, tmp_path):
     header_len = int.from_bytes(data[:8], "little")
     assert metadata["sshs_model_hash"] == hashlib.sha256(data[8 + header_len:]).hexdigest()
 
+    # the keys upstream's train_network.train writes for a --train_data_dir run with --network_args (see
+    # UPSTREAM_METADATA_KEYS), plus ss_num_processes (msrun's process count, ours)
+    assert {k for k in metadata if not k.startswith("modelspec.")} == UPSTREAM_METADATA_KEYS | {"ss_num_processes"}
+    # upstream: net_kwargs from --network_args, then net_kwargs["dropout"] = args.network_dropout (None -> null)
+    assert metadata["ss_network_args"] == '{"conv_dim": "4", "dropout": null}'
+    with open(ckpt, "rb") as f:
+        ckpt_bytes = f.read()
+    # upstream's train_util.model_hash (64 KiB at 1 MiB, 8 hex digits) and calculate_sha256 (the whole file)
+    assert metadata["ss_sd_model_hash"] == hashlib.sha256(ckpt_bytes[0x100000:0x110000]).hexdigest()[:8]
+    assert metadata["ss_new_sd_model_hash"] == hashlib.sha256(ckpt_bytes).hexdigest()
+    assert metadata["ss_sd_model_name"] == "tiny.safetensors"
+
     # base weights are bit-identical to the checkpoint
     with safe_open(ckpt, framework="np") as f:
         for name, param in base_state_dict(trainer.unet).items():
@@ -150,8 +192,10 @@ def test_end_to_end_training_run(workspace, tmp_path):
 
 
 def test_resume_continues_the_uninterrupted_run(workspace, tmp_path):
+    # bf16 has no CPU matmul: both runs compute in fp32 (and record it), which the exact comparison below needs
     common = ("--max_train_steps", "4", "--learning_rate", "1e-3", "--lr_scheduler", "linear", "--cache_latents",
-              "--cache_text_encoder_outputs", "--network_train_unet_only", "--save_every_n_steps", "2", "--save_state")
+              "--cache_text_encoder_outputs", "--network_train_unet_only", "--save_every_n_steps", "2", "--save_state",
+              "--mixed_precision", "bf16")
     full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
     full = sdxl_train_network.SdxlNetworkTrainer()
     full.train(parse(workspace, full_dir, *common))
@@ -169,6 +213,7 @@ def test_resume_continues_the_uninterrupted_run(workspace, tmp_path):
     full_weights, full_meta = read_lora(str(full_dir / "lora.safetensors"))
     resumed_weights, resumed_meta = read_lora(str(resumed_dir / "lora.safetensors"))
     assert resumed_meta["ss_steps"] == full_meta["ss_steps"] == "4"
+    assert full_meta["ss_mixed_precision"] == "no"  # what ran, not the flag
     for key, value in full_weights.items():
         np.testing.assert_allclose(resumed_weights[key], value, rtol=1e-5, atol=1e-7, err_msg=key)
     assert resumed.network is not None
@@ -202,3 +247,13 @@ def test_cli_reports_errors_without_traceback(workspace, tmp_path, capsys):
         sdxl_train_network.main(["--train_data_dir", str(tmp_path / "missing"), "--network_module", "networks.lora",
                                  "--output_dir", str(tmp_path), "--pretrained_model_name_or_path", "x.safetensors"])
     assert "error:" in str(e.value) and "missing" in str(e.value)
+
+
+def test_bf16_on_cpu_computes_in_fp32_with_one_warning(caplog):
+    args = sdxl_train_network.setup_parser().parse_args(["--mixed_precision", "bf16", "--full_bf16"])
+    with caplog.at_level(logging.WARNING):
+        assert train_network.prepare_dtype(args)[0] == ms.float32
+        assert train_network.vae_dtype_for(args) == ms.float32  # a second call: no second warning
+    assert [r.getMessage() for r in caplog.records] == [
+        "--mixed_precision bf16: MindSpore has no bf16 matmul on CPU; computing in fp32 instead"]
+    assert args.mixed_precision == "no" and not args.full_bf16  # what ss_mixed_precision records
