@@ -65,6 +65,7 @@ def parse_args(argv=None):
                              "--compile_cache_dir names an empty or new folder) and report both first-call times")
     parser.add_argument("--static_shapes", action="store_true",
                         help="compile per input shape, as the trainer's --static_shapes (default: one dynamic-shape graph)")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute the UNet blocks in backward")
     parser.add_argument("--second_resolution", type=int, default=None,
                         help="after the timed steps, run steps at this resolution too (a second bucket): shows whether "
                              "it compiles again")
@@ -83,6 +84,8 @@ def trainer_args(args, compile_cache_dir):
         flags += ["--network_train_unet_only", "--cache_text_encoder_outputs"]
     if compile_cache_dir:
         flags += ["--compile_cache_dir", compile_cache_dir]
+    if args.gradient_checkpointing:
+        flags.append("--gradient_checkpointing")
     return sdxl_train_network.setup_parser().parse_args(flags)
 
 
@@ -92,6 +95,8 @@ def build_train_step(config, targs):
     network = lora.create_network(1.0, targs.network_dim, targs.network_alpha, None, [te1, te2], unet)
     train_text_encoder = not targs.network_train_unet_only
     network.apply_to([te1, te2], unet, train_text_encoder, True)
+    if targs.gradient_checkpointing:
+        unet.set_gradient_checkpointing(True)
     param_groups, _ = network.prepare_optimizer_params(targs.text_encoder_lr, targs.unet_lr, targs.learning_rate)
     _, _, optimizer = optimizers.get_optimizer(targs, param_groups)
     step = sdxl_train_network.TrainStepForSDXLLoRA(
@@ -201,6 +206,7 @@ def measure(args):
             "max_grad_norm": targs.max_grad_norm,
             "compile_cache_dir": cache_dir,
             "static_shapes": args.static_shapes,
+            "gradient_checkpointing": args.gradient_checkpointing,
         },
         "model": {
             "unet_params_incl_lora": sum(p.size for p in train_step.unet.get_parameters()),
@@ -239,6 +245,8 @@ def measure_in_child(args, config_name, compile_cache_dir):
             cmd.append("--with_text_encoders")
         if args.static_shapes:
             cmd.append("--static_shapes")
+        if args.gradient_checkpointing:
+            cmd.append("--gradient_checkpointing")
         if args.second_resolution:
             cmd += ["--second_resolution", str(args.second_resolution)]
         if compile_cache_dir:
