@@ -33,7 +33,7 @@ from mindspore import nn, ops  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from library import layers, sdxl_model_util, sdxl_train_util  # noqa: E402
+from library import graph_reuse, sdxl_model_util, sdxl_train_util  # noqa: E402
 from library.sdxl_original_unet import Downsample2D  # noqa: E402
 from library.sdxl_text_encoding import encode_tokens_sdxl  # noqa: E402
 from library.sdxl_tokenize import SdxlTokenizeStrategy  # noqa: E402
@@ -216,7 +216,7 @@ class SdxlPipeline:
         shape = (1, LATENT_CHANNELS, height // VAE_DOWNSCALE, width // VAE_DOWNSCALE)
         noise = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
         guidance = ms.Tensor(guidance_scale, ms.float32)
-        layers.new_graph_generation()  # a compile for a new size must not reuse blocks parsed for another
+        graph_reuse.new_graph_generation()  # a compile for a new size must not reuse blocks parsed for another
         latents = euler_sample(lambda x, t: self.guided_unet(x, t, context, y, guidance), noise, steps, progress)
 
         image = self.vae.decode((latents / sdxl_model_util.VAE_SCALE_FACTOR).astype(self.vae_dtype))

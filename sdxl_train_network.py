@@ -27,7 +27,7 @@ from mindspore.amp import all_finite  # noqa: E402
 import train_network  # noqa: E402
 from library import caching, distributed, sdxl_model_util, sdxl_train_util, train_util  # noqa: E402
 from library.autoencoder_kl import sample_diagonal_gaussian  # noqa: E402
-from library.layers import GraphEntry  # noqa: E402
+from library.graph_reuse import GraphEntry  # noqa: E402
 from library.custom_train_functions import DiffusionNoiseAndLoss  # noqa: E402
 from library.sdxl_text_encoding import encode_tokens_sdxl  # noqa: E402
 from library.sdxl_tokenize import SdxlTokenizeStrategy  # noqa: E402
@@ -81,7 +81,7 @@ class TrainStepForSDXLLoRA(GraphEntry, TrainStep):
         self.vae_scale_factor = vae_scale_factor
         self.num_text_fields = 3 if text_encoder_outputs_cached else 2
         self.accumulating = gradient_accumulation_steps > 1
-        self.shares_repeated_blocks = not self.accumulating  # see library/layers.py
+        self.shares_repeated_blocks = not self.accumulating  # see library/graph_reuse.py
 
     def construct(self, *inputs):
         """mindone's TrainStep.construct, without its `if sync_gradients` branch when nothing accumulates: that

@@ -13,7 +13,8 @@ from typing import Sequence
 
 from mindspore import nn, ops
 
-from library.layers import GraphEntry, GroupNorm, ReusedCell, attention, conv2d, dense
+from library.graph_reuse import GraphEntry, ReusedCell
+from library.layers import GroupNorm, attention, conv2d, dense
 
 SDXL_VAE_SCALE_FACTOR = 0.13025
 

@@ -17,7 +17,8 @@ import logging
 
 from mindspore import nn, ops
 
-from library.layers import Embedding, GraphEntry, LayerNorm, ReusedCell, attention, causal_mask, dense
+from library.graph_reuse import GraphEntry, ReusedCell
+from library.layers import Embedding, LayerNorm, attention, causal_mask, dense
 
 logger = logging.getLogger(__name__)
 

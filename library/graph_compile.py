@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import mindspore as ms
 
-from library.layers import structure_key
+from library.graph_reuse import structure_key
 
 logger = logging.getLogger(__name__)
 

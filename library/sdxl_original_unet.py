@@ -16,7 +16,7 @@ import math
 import mindspore as ms
 from mindspore import nn, ops
 
-from library import layers
+from library import graph_reuse, layers
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class FeedForward(nn.Cell):
         return self.net(x)
 
 
-class BasicTransformerBlock(layers.ReusedCell):
+class BasicTransformerBlock(graph_reuse.ReusedCell):
     """Pre-norm self-attention, cross-attention on the text context, and GEGLU feed-forward, each residual."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
@@ -123,7 +123,7 @@ class BasicTransformerBlock(layers.ReusedCell):
         return self.ff(self.norm3(x)) + x
 
 
-class Transformer2DModel(layers.ReusedCell):
+class Transformer2DModel(graph_reuse.ReusedCell):
     """SGM's SpatialTransformer with linear projections: (B, C, H, W) -> tokens -> blocks -> (B, C, H, W) + input."""
 
     def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, num_groups: int = 32):
@@ -145,7 +145,7 @@ class Transformer2DModel(layers.ReusedCell):
         return hidden.reshape(b, h, w, c).transpose(0, 3, 1, 2) + x
 
 
-class ResnetBlock2D(layers.ReusedCell):
+class ResnetBlock2D(graph_reuse.ReusedCell):
     """SGM ResBlock: two 3x3 convs with the time embedding added in between; 1x1 conv skip when channels change."""
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, num_groups: int = 32):
@@ -204,7 +204,7 @@ class TimestepEmbedSequential(nn.SequentialCell):
         return x
 
 
-class SdxlUNet2DConditionModel(layers.GraphEntry):
+class SdxlUNet2DConditionModel(graph_reuse.GraphEntry):
     """SDXL UNet; `construct(x, timesteps, context, y)` predicts noise (or v) with the shape of `x`.
 
     x: (B, in_channels, h, w) latents; timesteps: (B,) or (1,) tensor; context: (B, L, context_dim) text hidden

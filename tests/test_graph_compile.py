@@ -15,7 +15,7 @@ from safetensors import safe_open
 from tensorboardX.proto import event_pb2
 
 import sdxl_train_network
-from library import layers
+from library import graph_reuse
 from library.graph_compile import dynamic_input_specs
 from library.sdxl_original_unet import BasicTransformerBlock
 from networks import lora, lora_io
@@ -40,7 +40,7 @@ def twin_blocks():
 
 
 def test_structure_key_follows_the_structure_not_the_instance():
-    layers.new_graph_generation()  # as a compile starts: sharing on
+    graph_reuse.new_graph_generation()  # as a compile starts: sharing on
     a, b = twin_blocks()
     assert a.cell_init_args == b.cell_init_args  # one graph for both
     for block, name in ((a, "lora_unet_a"), (b, "lora_unet_b")):
@@ -77,7 +77,7 @@ def test_reused_graph_of_twin_blocks_with_different_structure_equals_pynative():
     rng = np.random.default_rng(0)
     second.attn1.to_q.lora_up.weight.set_data(ms.Tensor(rng.standard_normal((32, 4)).astype(np.float32)))
     net = TwinBlocks(first, second)
-    layers.new_graph_generation()  # TwinBlocks is no GraphEntry: start a generation with sharing on
+    graph_reuse.new_graph_generation()  # TwinBlocks is no GraphEntry: start a generation with sharing on
     x = ms.Tensor(rng.standard_normal((2, 6, 32)).astype(np.float32))
     context = ms.Tensor(rng.standard_normal((2, 5, 24)).astype(np.float32))
     mode = ms.get_context("mode")
