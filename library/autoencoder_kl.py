@@ -13,7 +13,7 @@ from typing import Sequence
 
 from mindspore import nn, ops
 
-from library.graph_reuse import GraphEntry, ReusedCell
+from library.graph_reuse import GraphEntry, ReusedCell, mark_resolution
 from library.layers import GroupNorm, attention, conv2d, dense
 
 SDXL_VAE_SCALE_FACTOR = 0.13025
@@ -178,6 +178,9 @@ class Encoder(nn.Cell):
             for i, ch in enumerate(block_out_channels)
         ])
         self.mid_block = UNetMidBlock2D(block_out_channels[-1], groups)
+        for i, block in enumerate(self.down_blocks):
+            mark_resolution(block, 2**i)  # the resnets run before the block's downsampler
+        mark_resolution(self.mid_block, 2**last)
         self.conv_norm_out = GroupNorm(groups, block_out_channels[-1], eps=_NORM_EPS)
         self.conv_out = conv2d(block_out_channels[-1], 2 * latent_channels, 3, padding=1)
 
@@ -203,6 +206,9 @@ class Decoder(nn.Cell):
             UpDecoderBlock2D(reversed_channels[max(i - 1, 0)], ch, layers_per_block + 1, groups, add_upsample=i < last)
             for i, ch in enumerate(reversed_channels)
         ])
+        mark_resolution(self.mid_block, 2**last)
+        for i, block in enumerate(self.up_blocks):
+            mark_resolution(block, 2 ** (last - i))  # the resnets run before the block's upsampler
         self.conv_norm_out = GroupNorm(groups, block_out_channels[0], eps=_NORM_EPS)
         self.conv_out = conv2d(block_out_channels[0], out_channels, 3, padding=1)
 

@@ -58,6 +58,16 @@ def new_graph_generation(share_repeated_blocks: bool = True):
     _share_repeated_blocks = share_repeated_blocks
 
 
+def mark_resolution(cell: nn.Cell, downsampling: int):
+    """Record on every reused block inside `cell` the downsampling factor of the feature maps it sees, which makes
+    it part of their reuse key: blocks of one structure at two resolutions (a UNet whose levels share a width, the
+    VAE's 512-wide levels) then get a graph each. One graph shared across input shapes in a static-shape compile
+    was specialised to the first shape at random (measured, MindSpore 2.10: a Reshape failed in 1 run of 3)."""
+    for _, sub in cell.cells_and_names():
+        if isinstance(sub, ReusedCell):
+            sub.feature_downsampling = downsampling
+
+
 class GraphEntry(nn.Cell):
     """Base of a model that may be called as a top-level graph: starts a reuse generation when it compiles."""
 

@@ -244,6 +244,7 @@ class SdxlUNet2DConditionModel(graph_reuse.GraphEntry):
                 if transformer_depth[level] > 0:
                     block.append(transformer(ch, transformer_depth[level]))
                 input_blocks.append(TimestepEmbedSequential(block))
+                graph_reuse.mark_resolution(input_blocks[-1], 2**level)
                 skip_channels.append(ch)
             if level != len(channel_mult) - 1:
                 input_blocks.append(TimestepEmbedSequential([Downsample2D(ch)]))
@@ -252,6 +253,7 @@ class SdxlUNet2DConditionModel(graph_reuse.GraphEntry):
 
         self.middle_block = TimestepEmbedSequential(
             [resnet(ch, ch), transformer(ch, transformer_depth[-1]), resnet(ch, ch)])
+        graph_reuse.mark_resolution(self.middle_block, 2 ** (len(channel_mult) - 1))
 
         output_blocks = []
         for level, mult in reversed(list(enumerate(channel_mult))):
@@ -263,6 +265,7 @@ class SdxlUNet2DConditionModel(graph_reuse.GraphEntry):
                 if level > 0 and i == num_res_blocks:
                     block.append(Upsample2D(ch))
                 output_blocks.append(TimestepEmbedSequential(block))
+                graph_reuse.mark_resolution(output_blocks[-1], 2**level)
         self.output_blocks = nn.CellList(output_blocks)
 
         self.out = nn.SequentialCell([
