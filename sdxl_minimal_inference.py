@@ -5,9 +5,12 @@
 
 Kohya's `sdxl_minimal_inference.py` with the same flags: Euler discrete sampling (diffusers' scheduler, 1000-step
 scaled-linear schedule) with classifier-free guidance on the batch [negative, positive], SDXL size conditioning,
-VAE decoding, and `image_<YYYYmmdd-HHMMSS>_<NNN>.png` files. Three upstream defects are fixed: `--prompt2` goes to
-text encoder 2, text encoder 2 gets its own tokenizer's ids, and both prompts are encoded exactly as training
-encodes captions (`library.sdxl_text_encoding`), so a LoRA sees at inference the conditioning it was trained on.
+VAE decoding, and `image_<YYYYmmdd-HHMMSS>_<NNN>.png` files. `--sampler` picks any of the trainer's
+`--sample_sampler` samplers instead (library/samplers.py); the default, euler, is upstream's.
+
+Three upstream defects are fixed: `--prompt2` goes to text encoder 2, text encoder 2 gets its own tokenizer's ids,
+and both prompts are encoded exactly as training encodes captions (`library.sdxl_text_encoding`), so a LoRA sees
+at inference the conditioning it was trained on.
 
 Everything the run needs is checked before the checkpoint is loaded or a step is sampled: a bad argument leaves
 no file behind.
@@ -28,12 +31,10 @@ console.quiet_third_party_output()  # before mindspore, which reads GLOG_v when 
 
 import mindspore as ms  # noqa: E402
 import numpy as np  # noqa: E402
-from mindone.diffusers import EulerDiscreteScheduler  # noqa: E402
 from mindspore import nn, ops  # noqa: E402
 from PIL import Image  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
-from library import graph_reuse, sdxl_model_util, sdxl_train_util  # noqa: E402
+from library import graph_reuse, samplers, sdxl_model_util, sdxl_train_util  # noqa: E402
 from library.sdxl_original_unet import Downsample2D  # noqa: E402
 from library.sdxl_text_encoding import encode_tokens_sdxl  # noqa: E402
 from library.sdxl_tokenize import SdxlTokenizeStrategy  # noqa: E402
@@ -96,25 +97,6 @@ def use_synchronous_pynative():
 
 # ------------------------------------------------------------------------------------------------ sampling
 
-def make_scheduler(steps: int) -> EulerDiscreteScheduler:
-    """Upstream's scheduler: diffusers' defaults otherwise (linspace timestep spacing, epsilon prediction)."""
-    scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
-    )
-    scheduler.set_timesteps(steps)
-    return scheduler
-
-
-def euler_sample(predict_noise, noise: np.ndarray, steps: int, progress: bool = True) -> ms.Tensor:
-    """Denoise `noise` (a unit normal draw) in `steps` Euler steps; `predict_noise(model_input, t)` -> eps."""
-    scheduler = make_scheduler(steps)
-    latents = ms.Tensor(noise, ms.float32) * scheduler.init_noise_sigma
-    for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress):
-        noise_pred = predict_noise(scheduler.scale_model_input(latents, t), t)
-        latents = scheduler.step(noise_pred, t, latents)[0]
-    return latents
-
-
 class GuidedUNet(nn.Cell):
     """Classifier-free guidance in one call: the UNet runs on [x, x] with [negative, positive] conditioning."""
 
@@ -143,10 +125,12 @@ def size_multiple(unet) -> int:
 
 
 class SdxlPipeline:
-    """Loaded models with the LoRAs merged, a tokenizer, and the (optionally compiled) guided UNet.
+    """The models, a tokenizer, and the (optionally compiled) guided UNet.
 
-    The weights are loaded in fp32 so LoRA deltas are added at full precision, then cast to `dtype`; with fp16
-    the VAE stays fp32, as upstream (SDXL's VAE overflows in fp16).
+    `SdxlPipeline(ckpt_path, ...)` loads a checkpoint and merges LoRAs: the weights are loaded in fp32 so LoRA
+    deltas are added at full precision, then cast to `dtype`; with fp16 the VAE stays fp32, as upstream (SDXL's
+    VAE overflows in fp16). `SdxlPipeline.from_models(...)` wraps models that are already loaded (the trainer's,
+    with its LoRA network applied in place) and uses them exactly as they are.
     """
 
     def __init__(self, ckpt_path: str, lora_weights: Sequence[LoraWeight] = (), dtype: str = "fp32",
@@ -158,7 +142,7 @@ class SdxlPipeline:
             if not os.path.isfile(weight.path):
                 raise FileNotFoundError(f"--lora_weights: LoRA file not found: {weight.path}")
             lora_io.check_sdxl_lora_file(weight.path)  # before the checkpoint loads: a wrong file costs no minutes
-        self.tokenizer = SdxlTokenizeStrategy(None, tokenizer_cache_dir)
+        tokenizer = SdxlTokenizeStrategy(None, tokenizer_cache_dir)
 
         te1, te2, vae, unet, _, _ = sdxl_model_util.load_models_from_sdxl_checkpoint(ckpt_path)
         for weight in lora_weights:
@@ -168,23 +152,48 @@ class SdxlPipeline:
             merger.merge_to(weights_sd)
             logger.info(f"merged LoRA {weight.path} with multiplier {weight.multiplier}")
 
-        self.dtype = DTYPES[dtype]
-        self.vae_dtype = ms.float32 if dtype == "fp16" else self.dtype
+        vae_dtype = ms.float32 if dtype == "fp16" else DTYPES[dtype]
         for model in (te1, te2, unet):
-            cast_parameters(model, self.dtype)
-        cast_parameters(vae, self.vae_dtype)
+            cast_parameters(model, DTYPES[dtype])
+        cast_parameters(vae, vae_dtype)
         for model in (te1, te2, vae, unet):
             model.set_train(False)
+        self._attach(te1, te2, vae, unet, tokenizer, DTYPES[dtype], vae_dtype, graph_mode, v_parameterization=False)
+
+    @classmethod
+    def from_models(cls, text_encoder1, text_encoder2, vae, unet, tokenizer: SdxlTokenizeStrategy,
+                    dtype=ms.float32, vae_dtype=None, graph_mode: bool = True,
+                    v_parameterization: bool = False) -> "SdxlPipeline":
+        """A pipeline over already-loaded models, used as they are: no cast, no LoRA merge, no train/eval switch
+        (`library.sample_images.sample_images` switches to eval mode and back). `dtype` is the dtype the text
+        encoders and UNet compute in (an ms dtype or "fp32"/"fp16"/"bf16"), `vae_dtype` the VAE's (default:
+        `dtype`); `tokenizer` tokenizes as in training (e.g. the trainer's, with its --max_token_length)."""
+        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        vae_dtype = dtype if vae_dtype is None else DTYPES[vae_dtype] if isinstance(vae_dtype, str) else vae_dtype
+        pipeline = cls.__new__(cls)
+        pipeline._attach(text_encoder1, text_encoder2, vae, unet, tokenizer, dtype, vae_dtype, graph_mode,
+                         v_parameterization)
+        return pipeline
+
+    def _attach(self, te1, te2, vae, unet, tokenizer, dtype, vae_dtype, graph_mode: bool, v_parameterization: bool):
+        self.tokenizer = tokenizer
+        self.dtype, self.vae_dtype = dtype, vae_dtype
         self.text_encoder1, self.text_encoder2, self.vae, self.unet = te1, te2, vae, unet
         self.size_multiple = size_multiple(unet)
+        self.v_parameterization = v_parameterization
 
         guided_unet = GuidedUNet(unet)
         # compiled on the first call, then several times faster per step; dynamic=1: a second image size compiles
         # one dynamic-shape graph that serves every later size, instead of a graph per size
         self.guided_unet = ms.jit(guided_unet.construct, dynamic=1) if graph_mode else guided_unet
 
+    @property
+    def models(self) -> Tuple[nn.Cell, nn.Cell, nn.Cell, nn.Cell]:
+        return self.text_encoder1, self.text_encoder2, self.vae, self.unet
+
     def encode_prompt(self, prompt: str, prompt2: str) -> Tuple[ms.Tensor, ms.Tensor]:
-        """(context (1, 77, C1 + C2), pool2 (1, P)): TE1 reads `prompt`, TE2 reads `prompt2`, as in training."""
+        """(context (1, L, C1 + C2), pool2 (1, P)), L = 77 (or n * 75 + 2 for a tokenizer of n windows): TE1 reads
+        `prompt`, TE2 reads `prompt2`, as in training."""
         ids1, _ = self.tokenizer.tokenize(prompt)
         _, ids2 = self.tokenizer.tokenize(prompt2)
         hidden1, hidden2, pool2 = encode_tokens_sdxl(
@@ -204,21 +213,32 @@ class SdxlPipeline:
     def generate(self, prompt: str = "A photo of a cat", prompt2: Optional[str] = None, negative_prompt: str = "",
                  target_size: Tuple[int, int] = (1024, 1024), original_size: Optional[Tuple[int, int]] = None,
                  crop_top_left: Tuple[int, int] = (0, 0), guidance_scale: float = 7.0, steps: int = 50,
-                 seed: int = 0, progress: bool = True) -> np.ndarray:
-        """One image as a (H, W, 3) uint8 array; sizes are (height, width) / (top, left) in pixels."""
+                 seed: int = 0, progress: bool = True, sampler: str = samplers.DEFAULT_INFERENCE_SAMPLER
+                 ) -> np.ndarray:
+        """One image as a (H, W, 3) uint8 array; sizes are (height, width) / (top, left) in pixels.
+
+        `seed` seeds one numpy Generator, local to this call: it draws the initial noise, then the noise of an
+        ancestral sampler. No global random state is read or changed."""
         height, width = target_size
         check_target_size(height, width, self.size_multiple)
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
+        samplers.check_sampler(sampler, steps)
+        # a new reuse generation before each model that graph mode may compile here (the text encoders and the VAE
+        # too when the caller runs in GRAPH_MODE, as the trainer does): see library/graph_reuse.py
+        graph_reuse.new_graph_generation()
         context, y = self.conditioning(prompt, prompt if prompt2 is None else prompt2, negative_prompt,
                                        original_size or target_size, crop_top_left, target_size)
 
         shape = (1, LATENT_CHANNELS, height // VAE_DOWNSCALE, width // VAE_DOWNSCALE)
-        noise = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+        rng = np.random.default_rng(seed)
+        noise = rng.standard_normal(shape, dtype=np.float32)
         guidance = ms.Tensor(guidance_scale, ms.float32)
         graph_reuse.new_graph_generation()  # a compile for a new size must not reuse blocks parsed for another
-        latents = euler_sample(lambda x, t: self.guided_unet(x, t, context, y, guidance), noise, steps, progress)
+        latents = samplers.sample_latents(sampler, lambda x, t: self.guided_unet(x, t, context, y, guidance), noise,
+                                          steps, rng, progress, self.v_parameterization)
 
+        graph_reuse.new_graph_generation()
         image = self.vae.decode((latents / sdxl_model_util.VAE_SCALE_FACTOR).astype(self.vae_dtype))
         image = (image.astype(ms.float32).asnumpy()[0] / 2 + 0.5).clip(0, 1)
         return (image.transpose(1, 2, 0) * 255).round().astype(np.uint8)
@@ -244,7 +264,7 @@ def save_image(image: np.ndarray, output_dir: str) -> str:
 
 def setup_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="SDXL text-to-image with LoRAs merged (Euler sampling, classifier-free guidance)")
+        description="SDXL text-to-image with LoRAs merged (Euler or another sampler, classifier-free guidance)")
     parser.add_argument("--ckpt_path", type=str, required=True, help="single-file SDXL checkpoint (.safetensors)")
     parser.add_argument("--prompt", type=str, default="A photo of a cat", help="prompt for text encoder 1 (and 2)")
     parser.add_argument("--prompt2", type=str, default=None, help="prompt for text encoder 2 (default: --prompt)")
@@ -262,6 +282,10 @@ def setup_parser() -> argparse.ArgumentParser:
     parser.add_argument("--crop_left", type=int, default=0, help="crop conditioning, left")
     parser.add_argument("--guidance_scale", type=float, default=7.0, help="classifier-free guidance scale")
     parser.add_argument("--steps", type=int, default=50, help="number of sampling steps")
+    parser.add_argument("--sampler", type=str, choices=samplers.SAMPLER_NAMES,
+                        default=samplers.DEFAULT_INFERENCE_SAMPLER,
+                        help="sampler (scheduler), the choices of the trainer's --sample_sampler (default: euler, "
+                             "upstream's)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the initial noise (default: random)")
     parser.add_argument("--tokenizer_cache_dir", type=str, default=None,
                         help="folder to save the tokenizers to / load them from")
@@ -310,6 +334,7 @@ def main(argv: Optional[List[str]] = None):
         check_target_size(args.target_height, args.target_width)
         if args.steps < 1:
             raise ValueError(f"--steps must be at least 1, got {args.steps}")
+        samplers.check_sampler(args.sampler, args.steps, what="--sampler")
         if args.seed is not None and args.seed < 0:
             raise ValueError(f"--seed must be a non-negative integer, got {args.seed}")
         lora_weights = [parse_lora_weight(spec) for spec in args.lora_weights]
@@ -325,6 +350,7 @@ def main(argv: Optional[List[str]] = None):
         crop_top_left=(args.crop_top, args.crop_left),
         guidance_scale=args.guidance_scale,
         steps=args.steps,
+        sampler=args.sampler,
     )
     if args.interactive:
         requests = interactive_requests(settings)
@@ -334,7 +360,7 @@ def main(argv: Optional[List[str]] = None):
                          seed=seed)]
     for request in requests:
         logger.info(f"prompt: {request['prompt']!r}, prompt2: {request['prompt2']!r}, "
-                    f"negative: {request['negative_prompt']!r}, seed: {request['seed']}")
+                    f"negative: {request['negative_prompt']!r}, seed: {request['seed']}, sampler: {args.sampler}")
         path = save_image(pipeline.generate(**request), args.output_dir)
         logger.info(f"saved {path}")
 

@@ -25,6 +25,7 @@ from mindspore import ops  # noqa: E402
 from mindspore.amp import all_finite  # noqa: E402
 
 import train_network  # noqa: E402
+from sdxl_minimal_inference import SdxlPipeline  # noqa: E402
 from library import caching, distributed, sdxl_model_util, sdxl_train_util, train_util  # noqa: E402
 from library.autoencoder_kl import sample_diagonal_gaussian  # noqa: E402
 from library.graph_reuse import GraphEntry  # noqa: E402
@@ -183,6 +184,11 @@ class SdxlNetworkTrainer(train_network.NetworkTrainer):
             args.cache_text_encoder_outputs_to_disk, args.skip_cache_check,
             **cache_sharding(args.cache_text_encoder_outputs_to_disk),
         )
+
+    def build_sample_pipeline(self, args, text_encoders, vae, unet, tokenize_strategy, weight_dtype):
+        return SdxlPipeline.from_models(*text_encoders, vae, unet, tokenize_strategy, dtype=weight_dtype,
+                                        vae_dtype=train_network.vae_dtype_for(args),
+                                        v_parameterization=args.v_parameterization)
 
     def build_train_step(self, args, network, optimizer, text_encoders, vae, unet, dataset_group, weight_dtype):
         latents_cached = bool(args.cache_latents)

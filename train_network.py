@@ -7,6 +7,7 @@ encoders and `train_step_class`, the cell that runs forward and backward in one 
 """
 
 import argparse
+import gc
 import importlib
 import logging
 import math
@@ -25,12 +26,14 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from library import config_util, custom_train_functions, lr_schedulers, optimizers, sai_model_spec  # noqa: E402
-from library import distributed, train_state, train_util  # noqa: E402
+from library import distributed, train_state, train_util, validation  # noqa: E402
 from library.datasets import debug_dataset  # noqa: E402
 from library.graph_compile import CompiledStep  # noqa: E402
 from library import interrupts  # noqa: E402
 from library.lora_metadata import SS_METADATA_MINIMUM_KEYS, build_training_metadata  # noqa: E402
 from library.noise_sampling import NoiseSampler  # noqa: E402
+from library.sample_images import sample_images, should_sample  # noqa: E402
+from library.sample_prompts import check_sample_prompts  # noqa: E402
 from library.training_logger import TrainingLogger  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -64,6 +67,10 @@ class NetworkTrainer:
     def build_train_step(self, args, network, optimizer, text_encoders, vae, unet, dataset_group, weight_dtype):
         raise NotImplementedError
 
+    def build_sample_pipeline(self, args, text_encoders, vae, unet, tokenize_strategy, weight_dtype):
+        """The pipeline `library.sample_images.sample_images` generates with: the models as they are in training."""
+        raise NotImplementedError
+
     def network_targets(self, text_encoders, unet):
         """(vae, text_encoders list, unet) as create_network expects them."""
         return None, list(text_encoders), unet
@@ -77,6 +84,8 @@ class NetworkTrainer:
         training_started_at = time.time()
         train_util.check_unsupported_flags(args, logger.info)
         train_util.verify_training_args(args)
+        validation.verify_validation_args(args)
+        sample_prompts = check_sample_prompts(args.sample_prompts, args.sample_sampler)
         train_util.check_output_paths(args)
         if dist.is_main_process and args.output_dir:
             train_state.remove_interrupted_saves(args.output_dir)
@@ -87,7 +96,8 @@ class NetworkTrainer:
 
         # datasets first: a bad config fails before any model loads
         tokenize_strategy = self.load_tokenizer(args)
-        train_group, _ = config_util.build_dataset_groups(args, tokenize_strategy)
+        # the validation group: the images a validation_split held out (None without one), never trained on
+        train_group, validation_group = config_util.build_dataset_groups(args, tokenize_strategy)
         if args.debug_dataset:
             debug_dataset(train_group)
             return None
@@ -96,6 +106,8 @@ class NetworkTrainer:
         if args.cache_latents and not train_group.is_latent_cacheable():
             raise ValueError("when caching latents, either color_aug or random_crop cannot be used")
         self.assert_extra_args(args, train_group)
+        if validation_group is not None:
+            self.assert_extra_args(args, validation_group)
         network_module = import_network_module(args.network_module)
         net_kwargs = train_util.parse_network_args(args.network_args)
         optimizers.resolve_optimizer_type(args)
@@ -111,10 +123,13 @@ class NetworkTrainer:
         cast_parameters(vae, vae_dtype_for(args))
         self.text_encoders, self.vae, self.unet = text_encoders, vae, unet  # kept for inspection after train()
 
-        if args.cache_latents:
-            self.cache_latents(args, vae, train_group)
-        if args.cache_text_encoder_outputs:
-            self.cache_text_encoder_outputs(args, text_encoders, train_group, tokenize_strategy)
+        for group in (train_group, validation_group):
+            if group is None:
+                continue
+            if args.cache_latents:
+                self.cache_latents(args, vae, group)
+            if args.cache_text_encoder_outputs:
+                self.cache_text_encoder_outputs(args, text_encoders, group, tokenize_strategy)
         distributed.barrier()  # disk caches are split across ranks: none reads a file before it is written
 
         # the LoRA's initial weights depend on the seed alone, not on what ran before: MindSpore's initializers draw
@@ -130,6 +145,15 @@ class NetworkTrainer:
             unet.set_gradient_checkpointing(True)
             for te in text_encoders:
                 te.set_gradient_checkpointing(True)
+        # what the caches replace leaves memory (upstream moves it off the GPU), unless sample images need it; the
+        # network holds no text-encoder layer here (caching text-encoder outputs means --network_train_unet_only)
+        if not sample_prompts:
+            if args.cache_latents:
+                vae = None
+            if args.cache_text_encoder_outputs:
+                text_encoders = (None,) * len(text_encoders)
+            self.text_encoders, self.vae = text_encoders, vae
+            gc.collect()
 
         text_encoder_lr = args.text_encoder_lr[0] if isinstance(args.text_encoder_lr, list) else args.text_encoder_lr
         param_groups, lr_descriptions = network.prepare_optimizer_params(text_encoder_lr, args.unet_lr, args.learning_rate)
@@ -148,7 +172,13 @@ class NetworkTrainer:
         if args.save_n_epoch_ratio is not None and args.save_n_epoch_ratio > 0:
             args.save_every_n_epochs = math.floor(num_train_epochs / args.save_n_epoch_ratio) or 1
         train_group.set_max_train_steps(args.max_train_steps)
-        lr_scheduler = lr_schedulers.get_scheduler_fix(args, optimizer)
+        # schedule-free optimizers schedule themselves (upstream gives them a scheduler that does nothing) and keep
+        # two sets of weights: the evaluation set is in place while saving, sampling and validating
+        if optimizers.is_schedulefree_optimizer(optimizer):
+            lr_scheduler = optimizers.get_dummy_scheduler(optimizer)
+        else:
+            lr_scheduler = lr_schedulers.get_scheduler_fix(args, optimizer)
+        optimizer_train_mode, optimizer_eval_mode = optimizers.get_optimizer_train_eval_fn(optimizer)
 
         train_step = self.build_train_step(args, network, optimizer, text_encoders, vae, unet, train_group, weight_dtype)
         noise_sampler = NoiseSampler(args, seed=args.seed, rank=dist.rank)  # one noise stream per rank
@@ -158,6 +188,13 @@ class NetworkTrainer:
             static_shapes=args.static_shapes, compile_cache_dir=args.compile_cache_dir,
         )
         self.compiled_step = compiled_step  # kept for inspection after train() (number of compiles)
+        # the same forward without backward, on fixed timesteps and noise (compiled at its first evaluation)
+        validator = validation.Validation.create(
+            args, train_step, validation_group, network, rank=dist.rank, world_size=dist.world_size,
+            show_progress=dist.is_main_process, optimizer_eval_fn=optimizer_eval_mode,
+            optimizer_train_fn=optimizer_train_mode,
+        )
+        self.validator = validator
 
         global_step, first_epoch = 0, 0
         if args.resume:
@@ -165,12 +202,14 @@ class NetworkTrainer:
                 args.resume, network, optimizer, lr_scheduler, noise_sampler, num_update_steps_per_epoch,
                 world_size=dist.world_size, rank=dist.rank,
             )
+            optimizer_train_mode()
             logger.info("resumed from %s at step %d (epoch %d)", args.resume, global_step, first_epoch + 1)
 
         metadata = build_training_metadata(
             args, session_id, training_started_at, train_group, network, optimizer_name, optimizer_args,
             num_batches_per_epoch, num_train_epochs, self.model_version_metadata, num_processes=dist.world_size,
         )
+        metadata.update(validation.validation_metadata(args, validation_group))
         minimum_metadata = {k: metadata[k] for k in SS_METADATA_MINIMUM_KEYS if k in metadata}
         os.makedirs(args.output_dir, exist_ok=True)
 
@@ -185,7 +224,9 @@ class NetworkTrainer:
             md["ss_steps"] = str(steps)
             md["ss_epoch"] = str(epoch_no)
             md.update(sai_model_spec.get_sai_model_spec(args, lora=True, timestamp=training_started_at))
+            optimizer_eval_mode()
             network.save_weights(path, save_dtype, md)
+            optimizer_train_mode()
             logger.info("saved %s", path)
             return path
 
@@ -195,10 +236,12 @@ class NetworkTrainer:
                 os.remove(path)
 
         def save_state(name):  # collective: every rank calls it (rank 0 gathers the ranks' noise streams)
+            optimizer_eval_mode()
             train_state.save_state(
                 os.path.join(args.output_dir, name), network, optimizer, lr_scheduler, noise_sampler,
                 epoch=current_epoch, step=global_step, world_size=dist.world_size, is_main_process=dist.is_main_process,
             )
+            optimizer_train_mode()
 
         def remove_state(name):
             if dist.is_main_process:
@@ -211,6 +254,28 @@ class NetworkTrainer:
             args.gradient_accumulation_steps, args.max_train_steps,
         )
         tracker = TrainingLogger(args, enabled=dist.is_main_process)
+        sample_pipeline = None
+
+        def sample(epoch_no):
+            """Sample images if upstream's schedule says so (epoch_no: None after a step, else the epoch number):
+            rank 0 generates while the others wait, with the network as it is (applied, not merged)."""
+            nonlocal sample_pipeline
+            if not sample_prompts or not should_sample(
+                    global_step, epoch_no, sample_at_first=args.sample_at_first,
+                    every_n_steps=args.sample_every_n_steps, every_n_epochs=args.sample_every_n_epochs):
+                return
+            if dist.is_main_process:
+                if sample_pipeline is None:
+                    sample_pipeline = self.build_sample_pipeline(args, text_encoders, vae, unet, tokenize_strategy,
+                                                                 weight_dtype)
+                optimizer_eval_mode()
+                samples = sample_images(sample_pipeline, sample_prompts, args.output_dir, step=global_step,
+                                        epoch=epoch_no, output_name=args.output_name,
+                                        default_sampler=args.sample_sampler)
+                optimizer_train_mode()
+                tracker.log_images(samples, global_step)
+            distributed.barrier()
+
         loss_recorder = train_util.LossRecorder()
         progress = tqdm(total=args.max_train_steps, initial=global_step, desc="steps", smoothing=0,
                         disable=not dist.is_main_process)
@@ -221,6 +286,7 @@ class NetworkTrainer:
         stop = interrupts.StopRequest()  # Ctrl-C / SIGTERM: stop after the current step, save, exit (library/interrupts.py)
         stop.install()
         stopping = False  # what the ranks agreed on, not the local flag
+        sample(0)  # --sample_at_first (and, on resume with --sample_every_n_epochs, as upstream)
 
         for epoch in range(first_epoch, num_train_epochs):
             current_epoch = epoch
@@ -254,10 +320,12 @@ class NetworkTrainer:
                 loss_recorder.add(batch_index // dist.world_size, loss_value)  # this rank's loss, as upstream logs
                 logs["loss/average"] = loss_recorder.moving_average
                 logs.update(lr_logs(lr_scheduler.get_last_lr(), lr_descriptions))
+                logs.update(optimizers.d_lr_logs(optimizer, lr_descriptions))  # Prodigy / D-Adaptation's d*lr
                 progress.update(1)
                 progress.set_postfix(avr_loss=f"{loss_recorder.moving_average:.4f}", loss=f"{loss_value:.4f}",
                                      lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
                 tracker.log(logs, global_step)
+                sample(None)
 
                 if args.save_every_n_steps and global_step % args.save_every_n_steps == 0 and global_step < args.max_train_steps:
                     save_model(train_util.get_step_ckpt_name(output_name, global_step), global_step, epoch + 1)
@@ -269,6 +337,10 @@ class NetworkTrainer:
                     remove_no = train_util.get_remove_step_no(args, global_step, args.save_last_n_steps_state)
                     if args.save_state and remove_no is not None:
                         remove_state(train_util.STEP_STATE_NAME.format(output_name or "at", remove_no))
+                if validator is not None:
+                    validation_logs = validator.after_step(global_step, epoch, loss_recorder.moving_average)
+                    if validation_logs:
+                        tracker.log(validation_logs, global_step)
                 if global_step >= args.max_train_steps:
                     break
                 if stop.requested():
@@ -277,11 +349,15 @@ class NetworkTrainer:
 
             if stopping:
                 break
+            if validator is not None:
+                validation_logs = validator.after_epoch(epoch, loss_recorder.moving_average)
+                if validation_logs:
+                    tracker.log(validation_logs, epoch + 1)
             tracker.log({"loss/epoch_average": loss_recorder.moving_average}, epoch + 1)
-            if global_step >= args.max_train_steps:
+            finished = global_step >= args.max_train_steps
+            if finished:
                 current_epoch = epoch + 1
-                break
-            if args.save_every_n_epochs and (epoch + 1) % args.save_every_n_epochs == 0 and epoch + 1 < num_train_epochs:
+            elif args.save_every_n_epochs and (epoch + 1) % args.save_every_n_epochs == 0 and epoch + 1 < num_train_epochs:
                 current_epoch = epoch + 1
                 save_model(train_util.get_epoch_ckpt_name(output_name, epoch + 1), global_step, epoch + 1)
                 if args.save_state:
@@ -289,6 +365,9 @@ class NetworkTrainer:
                 remove_no = train_util.get_remove_epoch_no(args, epoch + 1)
                 if remove_no is not None:
                     remove_model(train_util.get_epoch_ckpt_name(output_name, remove_no))
+            sample(epoch + 1)  # after the last epoch too, as upstream
+            if finished:
+                break
         stop.uninstall()
         progress.close()
         if stopping:
@@ -434,6 +513,7 @@ def setup_parser() -> argparse.ArgumentParser:
     train_util.add_dataset_arguments(parser, True, True, True)
     train_util.add_training_arguments(parser)
     optimizers.add_optimizer_arguments(parser)
+    validation.add_validation_arguments(parser)
     config_util.add_config_arguments(parser)
     train_util.add_config_file_arguments(parser)
     custom_train_functions.add_noise_and_loss_arguments(parser)

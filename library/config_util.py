@@ -566,8 +566,12 @@ def _check_subset_params(params, source: _Source, path: str):
 
 def generate_dataset_group_by_blueprint(blueprint: DatasetGroupBlueprint, seed: int = 0, tokenize_strategy=None):
     """Build the training group and, where some dataset has validation_split > 0, the validation
-    group (else None). Buckets are made here; the shuffling seed is drawn from `seed` as upstream
-    draws it after `set_seed(args.seed)`."""
+    group (else None, also when the split leaves it no image). Buckets are made here; the shuffling
+    seed is drawn from `seed` as upstream draws it after `set_seed(args.seed)`.
+
+    The validation group is a `DatasetGroup` like the training one, of the images the split gave to
+    validation (regularisation subsets excluded, num_repeats 1): cache its latents and text-encoder
+    outputs as the training group's, and see library/validation.py for the evaluation."""
     from library.datasets import DatasetGroup, DreamBoothDataset, FineTuningDataset
 
     def build(dataset_blueprint: DatasetBlueprint, is_training: bool):
@@ -578,7 +582,8 @@ def generate_dataset_group_by_blueprint(blueprint: DatasetGroupBlueprint, seed: 
     for d in blueprint.datasets:
         if d.params.validation_seed is None:
             # upstream shuffles with the global random state here, so its train and validation
-            # parts can overlap; the run seed keeps them complementary
+            # parts can overlap; the run seed (what --validation_seed's help promises) keeps them
+            # complementary
             d.params.validation_seed = seed
     train = [build(d, True) for d in blueprint.datasets]
     val = [build(d, False) for d in blueprint.datasets if d.params.validation_split > 0]
@@ -589,6 +594,14 @@ def generate_dataset_group_by_blueprint(blueprint: DatasetGroupBlueprint, seed: 
     val_group = DatasetGroup(val, dataset_seed, tokenize_strategy) if val else None
     for i, dataset in enumerate(train):
         logger.info("[dataset %d] %s", i, dataset.describe())
+    if val_group is not None and len(val_group) == 0:
+        # upstream keeps an empty group and then skips validation; None says the same to the trainer
+        logger.warning("validation_split leaves no validation images (each subset gives round(images * split)); "
+                       "no validation loss will be computed")
+        val_group = None
+    elif val_group is not None:
+        for i, dataset in enumerate(val_group.datasets):
+            logger.info("[validation dataset %d] %s", i, dataset.describe())
     return train_group, val_group
 
 

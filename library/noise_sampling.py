@@ -71,3 +71,37 @@ class NoiseSampler:
     def load_state_dict(self, state):
         self.rng.bit_generator.state = state["bit_generator"]
 
+
+# tag of the fixed draws' seed sequences ("VALI"): keeps them apart from every NoiseSampler stream of the same seed
+_FIXED_DRAWS_TAG = 0x56414C49
+
+
+class FixedTimestepNoise:
+    """Draws for an evaluation that must repeat exactly (the validation loss): the layout of `NoiseSampler.draw`
+    for the same flags, with every timestep set to the one given and the random arrays a function of
+    (seed, batch index, timestep) alone.
+
+    Each call builds a generator of its own from those three numbers, so the draws do not depend on what was
+    drawn before, on how many batches an evaluation runs, or on any global random state, and drawing them leaves
+    the training `NoiseSampler`'s stream (and numpy's, Python's and MindSpore's global generators) untouched.
+    """
+
+    def __init__(self, args, seed: int):
+        self.seed = int(seed) % 2**64  # SeedSequence takes non-negative integers
+        self._layout = NoiseSampler(args, seed=self.seed)  # the flags; its own stream is never used
+
+    @property
+    def fields(self):
+        return self._layout.fields
+
+    @property
+    def per_sample(self):
+        return self._layout.per_sample
+
+    def draw(self, latent_shape, batch_index: int, timestep: int):
+        sampler = NoiseSampler.__new__(NoiseSampler)
+        sampler.__dict__.update(self._layout.__dict__)
+        sampler.min_timestep = sampler.max_timestep = int(timestep)  # NoiseSampler then fills every sample with it
+        sequence = np.random.SeedSequence(self.seed, spawn_key=(_FIXED_DRAWS_TAG, int(batch_index), int(timestep)))
+        sampler.rng = np.random.Generator(np.random.PCG64(sequence))
+        return sampler.draw(latent_shape)

@@ -1,132 +1,32 @@
-"""Optimizers for LoRA parameter groups, written with `mindspore.ops` for graph-mode train steps.
+"""Optimizers for LoRA parameter groups, written with `mindspore.ops` for graph-mode train steps, and their factory.
 
-Each optimizer is an `nn.Cell` used the way mindone's `TrainStep` uses an optimizer: it exposes
-`parameters` (a ParameterTuple, the weights TrainStep differentiates) and is called as
-`optimizer(grads)` inside the step's `construct`. The update rules reproduce what a Kohya user gets
-from PyTorch: torch.optim.AdamW (with bias correction; `nn.AdamWeightDecay` has none),
-torch.optim.SGD(nesterov=True), lion_pytorch.Lion and transformers' Adafactor.
+The update rules reproduce what a Kohya user gets from PyTorch: torch.optim.AdamW (with bias correction;
+`nn.AdamWeightDecay` has none), torch.optim.SGD(nesterov=True), lion_pytorch.Lion and transformers' Adafactor
+here; Prodigy and the D-Adaptation family in `adaptive_optimizers`, the schedule-free ones in `schedule_free`,
+all on the base in `optimizer_base` (the Cell TrainStep calls, per-group lr Parameters, state_dict).
+`get_optimizer` builds any of them from the Kohya flags (`add_optimizer_arguments`) as upstream does.
 
-Design points:
-- Learning rates live in one float32 Parameter per group, so the LR scheduler changes them from
-  Python between steps (`set_lr`) without recompiling the graph.
-- All state (moments, step counter, lrs) is Parameters: `state_dict()` / `load_state_dict()` move
-  it to and from numpy for --save_state / --resume.
 - Lion, SGDNesterov and Adafactor compute in float32 and write parameters back in their dtype;
   AdamW runs MindSpore's fused kernel in the parameters' dtype (float32 for LoRA unless --full_fp16).
-- Results of per-parameter updates must all be returned: MindSpore drops the assigns of HyperMap
-  elements whose outputs go unused (seen with Adafactor), even though TrainStep ignores them.
+- For the trainer: `d_lr_logs` (D-Adaptation / Prodigy's d*lr per group), `get_dummy_scheduler` and
+  `get_optimizer_train_eval_fn` (schedule-free: no LR scheduler, train/eval weights).
 """
 
 import argparse
 import ast
+import inspect
 import logging
 
 import numpy as np
-import mindspore as ms
-from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+from mindspore import Parameter, ParameterTuple, Tensor, ops
+
+from library.adaptive_optimizers import (
+    DAdaptAdaGrad, DAdaptAdam, DAdaptAdamPreprint, DAdaptAdan, DAdaptAdanIP, DAdaptLion, DAdaptSGD, Prodigy,
+)
+from library.optimizer_base import _F32, _GroupedOptimizer, _f32, _write
+from library.schedule_free import AdamWScheduleFree, DummyScheduler, RAdamScheduleFree, SGDScheduleFree
 
 logger = logging.getLogger(__name__)
-
-_F32 = ms.float32
-
-
-def _f32(x):
-    return ops.cast(x, _F32)
-
-
-def _write(param, value):
-    return ops.assign(param, ops.cast(value, param.dtype))
-
-
-def _normalize_groups(param_groups, lr):
-    """[{"params": [...], "lr": x}, ...] or a flat list of Parameters -> list of (params, lr)."""
-    param_groups = list(param_groups)
-    if not param_groups:
-        raise ValueError("the optimizer got no parameters to train")
-    if not isinstance(param_groups[0], dict):
-        param_groups = [{"params": param_groups}]
-    groups = []
-    for i, group in enumerate(param_groups):
-        unknown = set(group) - {"params", "lr"}
-        if unknown:
-            raise ValueError(f"parameter group {i} has unsupported keys {sorted(unknown)}; only 'params' and 'lr' are")
-        params = list(group["params"])
-        if not params:
-            raise ValueError(f"parameter group {i} is empty")
-        groups.append((params, group.get("lr", lr)))
-    return groups
-
-
-class _GroupedOptimizer(nn.Cell):
-    """Holds parameters group by group, one lr Parameter per group and a shared step counter.
-
-    Subclasses implement `_update_group(index, lr, step, grads, start, end)` for the parameters
-    `self.parameters[start:end]` (one group) and return the results of all their assigns.
-    """
-
-    def __init__(self, param_groups, lr, lr_required=True):
-        super().__init__()
-        groups = _normalize_groups(param_groups, lr)
-        if lr_required and any(group_lr is None for _, group_lr in groups):
-            raise ValueError("a learning rate is required: pass --learning_rate or give every group an 'lr'")
-        self.default_lr = lr  # torch's optimizer.defaults["lr"]; the polynomial schedule divides by it
-        self.base_lrs = [group_lr for _, group_lr in groups]
-        self.parameters = ParameterTuple([p for params, _ in groups for p in params])
-        bounds, start = [], 0
-        for params, _ in groups:
-            bounds.append((start, start + len(params)))
-            start += len(params)
-        self.group_bounds = bounds
-        self.group_lrs = ParameterTuple(
-            [
-                Parameter(Tensor(0.0 if group_lr is None else group_lr, _F32), name=f"optimizer.group{i}.lr", requires_grad=False)
-                for i, group_lr in enumerate(self.base_lrs)
-            ]
-        )
-        self.step_count = Parameter(Tensor(0, ms.int32), name="optimizer.step", requires_grad=False)
-        self.hyper_map = ops.HyperMap()
-
-    def construct(self, grads):
-        step = self.step_count + 1
-        ops.assign(self.step_count, step)
-        step = _f32(step)
-        results = ()
-        for i, (start, end) in enumerate(self.group_bounds):
-            results += self._update_group(i, self.group_lrs[i], step, grads[start:end], start, end)
-        return results
-
-    def _update_group(self, index, lr, step, grads, start, end):
-        raise NotImplementedError
-
-    # -- Python-side API for the training loop ------------------------------------------------
-
-    def get_lr(self):
-        return [float(p.asnumpy()) for p in self.group_lrs]
-
-    def set_lr(self, lrs):
-        if len(lrs) != len(self.group_lrs):
-            raise ValueError(f"expected {len(self.group_lrs)} learning rates, got {len(lrs)}")
-        for param, lr in zip(self.group_lrs, lrs):
-            param.set_data(Tensor(lr, _F32))
-
-    def state_parameters(self):
-        """Every Parameter the optimizer owns (not the trained ones), by name."""
-        trained = {id(p) for p in self.parameters}
-        return {p.name: p for p in self.get_parameters() if id(p) not in trained}
-
-    def state_dict(self):
-        return {name: p.asnumpy().copy() for name, p in self.state_parameters().items()}
-
-    def load_state_dict(self, state):
-        own = self.state_parameters()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"optimizer state does not match: missing {missing}, unexpected {unexpected}")
-        for name, param in own.items():
-            value = np.asarray(state[name])
-            if value.shape != tuple(param.shape):
-                raise ValueError(f"optimizer state {name}: shape {value.shape}, expected {tuple(param.shape)}")
-            param.set_data(Tensor(value, param.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,6 +244,36 @@ class Adafactor(_GroupedOptimizer):
 
 
 # ---------------------------------------------------------------------------------------------
+# what the trainer asks of any optimizer (no-ops for the ones without d or train/eval weights)
+
+
+def is_schedulefree_optimizer(optimizer) -> bool:
+    return bool(getattr(optimizer, "is_schedule_free", False))
+
+
+def get_dummy_scheduler(optimizer):
+    return DummyScheduler(optimizer)
+
+
+def get_optimizer_train_eval_fn(optimizer):
+    """(train_fn, eval_fn) as upstream's train_util.get_optimizer_train_eval_fn: no-ops unless schedule-free."""
+    if not is_schedulefree_optimizer(optimizer):
+        return (lambda: None), (lambda: None)
+    return optimizer.train_mode, optimizer.eval_mode
+
+
+def d_lr_logs(optimizer, descriptions):
+    """`lr/d*lr/<description>` per group for D-Adaptation / Prodigy (empty for other optimizers)."""
+    if not getattr(optimizer, "has_d_estimate", False):
+        return {}
+    logs = {}
+    for i, value in enumerate(optimizer.get_d_lrs()):
+        name = descriptions[i] if i < len(descriptions) and descriptions[i] else f"group{i}"
+        logs[f"lr/d*lr/{name}"] = value
+    return logs
+
+
+# ---------------------------------------------------------------------------------------------
 # factory and flags
 
 # what a Kohya user sees in ss_optimizer: the PyTorch class whose update rule is reproduced
@@ -352,7 +282,23 @@ OPTIMIZER_NAMES = {
     "lion": ("lion_pytorch.lion_pytorch.Lion", Lion),
     "sgdnesterov": ("torch.optim.sgd.SGD", SGDNesterov),
     "adafactor": ("transformers.optimization.Adafactor", Adafactor),
+    "prodigy": ("prodigyopt.prodigy.Prodigy", Prodigy),
+    "dadaptadam": ("dadaptation.dadapt_adam.DAdaptAdam", DAdaptAdam),
+    "dadaptlion": ("dadaptation.dadapt_lion.DAdaptLion", DAdaptLion),
+    "dadaptsgd": ("dadaptation.dadapt_sgd.DAdaptSGD", DAdaptSGD),
+    "dadaptadagrad": ("dadaptation.dadapt_adagrad.DAdaptAdaGrad", DAdaptAdaGrad),
+    "dadaptadan": ("dadaptation.dadapt_adan.DAdaptAdan", DAdaptAdan),
+    "dadaptadanip": ("dadaptation.experimental.dadapt_adan_ip.DAdaptAdanIP", DAdaptAdanIP),
+    "dadaptadampreprint": ("dadaptation.experimental.dadapt_adam_preprint.DAdaptAdamPreprint", DAdaptAdamPreprint),
+    "adamwschedulefree": ("schedulefree.adamw_schedulefree.AdamWScheduleFree", AdamWScheduleFree),
+    "sgdschedulefree": ("schedulefree.sgd_schedulefree.SGDScheduleFree", SGDScheduleFree),
+    "radamschedulefree": ("schedulefree.radam_schedulefree.RAdamScheduleFree", RAdamScheduleFree),
 }
+# other names of the same optimizers (upstream: "DAdaptation" is the preprint D-Adapt Adam)
+_ALIASES = {"dadaptation": "dadaptadampreprint"}
+# what upstream's get_optimizer treats as D-Adaptation/Prodigy (lr warnings, lr/d*lr logs)
+D_ADAPTATION_KINDS = {kind for kind, (_, cls) in OPTIMIZER_NAMES.items() if getattr(cls, "has_d_estimate", False)}
+SCHEDULE_FREE_KINDS = {kind for kind, (_, cls) in OPTIMIZER_NAMES.items() if getattr(cls, "is_schedule_free", False)}
 # bitsandbytes variants (CUDA-only) run as their full-precision counterparts: same update rule,
 # float32 state instead of 8-bit/paged state, so more memory but the same training
 _BITSANDBYTES_FALLBACKS = {
@@ -370,6 +316,11 @@ _ACCEPTED_KWARGS = {
     "sgdnesterov": {"momentum", "dampening", "weight_decay"},
     "adafactor": {"eps", "clip_threshold", "decay_rate", "beta1", "weight_decay", "scale_parameter", "relative_step", "warmup_init"},
 }
+# the D-Adaptation/Prodigy/schedule-free classes take the reference constructors' keyword arguments
+for _kind in D_ADAPTATION_KINDS | SCHEDULE_FREE_KINDS:
+    _signature = inspect.signature(OPTIMIZER_NAMES[_kind][1].__init__)
+    _ACCEPTED_KWARGS[_kind] = set(_signature.parameters) - {"self", "param_groups", "lr"}
+del _kind, _signature
 # torch implementation switches with no effect on the math
 _TORCH_IMPLEMENTATION_KWARGS = {"foreach", "fused", "capturable", "differentiable"}
 
@@ -391,15 +342,17 @@ def parse_optimizer_args(optimizer_args):
 
 def _unavailable(optimizer_type):
     lower = optimizer_type.lower()
-    if lower.startswith("dadapt") or lower == "prodigy":
-        why = "D-Adaptation/Prodigy (the dadaptation/prodigyopt packages) are PyTorch-only and not ported"
-        instead = "use AdamW with an explicit --learning_rate, or Adafactor (its relative_step mode sets the step size itself)"
+    if lower.startswith("dadapt"):
+        why = "there is no such D-Adaptation optimizer"
+        instead = ("use one of DAdaptation (= DAdaptAdamPreprint), DAdaptAdamPreprint, DAdaptAdaGrad, DAdaptAdam, "
+                   "DAdaptAdan, DAdaptAdanIP, DAdaptLion, DAdaptSGD, or Prodigy")
     elif lower.endswith("schedulefree"):
-        why = "schedule-free optimizers (the schedulefree package) are PyTorch-only and not ported"
-        instead = "use AdamW with --lr_scheduler constant_with_warmup or cosine"
+        why = "there is no such schedule-free optimizer (the schedulefree package's ScheduleFreeWrapper is not ported)"
+        instead = "use one of AdamWScheduleFree, SGDScheduleFree, RAdamScheduleFree"
     else:
         why = "it is not one of the optimizers ported to MindSpore (arbitrary torch/class paths cannot be imported)"
-        instead = "use one of AdamW, AdamW8bit (runs as AdamW), Lion, SGDNesterov, Adafactor"
+        instead = ("use one of AdamW, AdamW8bit (runs as AdamW), Lion, SGDNesterov, Adafactor, Prodigy, DAdaptAdam, "
+                   "DAdaptLion (and the other DAdapt* names), AdamWScheduleFree, SGDScheduleFree, RAdamScheduleFree")
     return ValueError(f"--optimizer_type {optimizer_type}: {why}; {instead}")
 
 
@@ -434,6 +387,7 @@ def resolve_optimizer_type(args):
             raise ValueError("fused_backward_pass does not work with gradient_accumulation_steps > 1")
 
     kind = _BITSANDBYTES_FALLBACKS.get(kind, kind)
+    kind = _ALIASES.get(kind, kind)
     if kind not in OPTIMIZER_NAMES:
         raise _unavailable(optimizer_type)
     optimizer_kwargs = parse_optimizer_args(args.optimizer_args)
@@ -444,12 +398,20 @@ def resolve_optimizer_type(args):
     return kind
 
 
+def is_schedule_free_type(args) -> bool:
+    """Whether the flags ask for a schedule-free optimizer (no LR scheduler then), before anything is built."""
+    return resolve_optimizer_type(args) in SCHEDULE_FREE_KINDS
+
+
 def get_optimizer(args, param_groups):
     """Build the optimizer like upstream's `train_util.get_optimizer`.
 
     Returns (optimizer_name, optimizer_args, optimizer): the name and "k=v,..." string go into
     ss_optimizer. Adafactor with relative_step (its default) drops the group lrs, sets
     args.learning_rate to None and args.lr_scheduler to "adafactor:<lr>", as upstream does.
+    D-Adaptation/Prodigy warn about an lr <= 0.1 (their lr multiplies the estimated step size) as upstream.
+    Schedule-free optimizers come back in train mode; they take no LR scheduler (get_dummy_scheduler) and need
+    get_optimizer_train_eval_fn's eval_fn/train_fn around sampling, validation and saving.
     """
     kind = resolve_optimizer_type(args)
     requested = requested_optimizer_type(args)
@@ -467,12 +429,42 @@ def get_optimizer(args, param_groups):
         optimizer_kwargs["momentum"] = constructor_kwargs["momentum"] = 0.9
     if kind == "adafactor":
         lr = _prepare_adafactor(args, param_groups, optimizer_kwargs, constructor_kwargs, lr)
+    if kind in D_ADAPTATION_KINDS:
+        _warn_d_adaptation_lr(param_groups, lr)
+    if kind in SCHEDULE_FREE_KINDS:
+        _warn_schedule_free_scheduler(args)
 
     optimizer_name, optimizer_class = OPTIMIZER_NAMES[kind]
     logger.info(f"use {optimizer_name} | {optimizer_kwargs}")
     optimizer = optimizer_class(param_groups, lr=lr, **constructor_kwargs)
     optimizer_args = ",".join(f"{k}={v}" for k, v in optimizer_kwargs.items())
+    if is_schedulefree_optimizer(optimizer):
+        optimizer.train_mode()  # as upstream: train mode before training, eval mode for sampling and saving
     return optimizer_name, optimizer_args, optimizer
+
+
+def _warn_d_adaptation_lr(param_groups, lr):
+    """Upstream's checks for D-Adaptation/Prodigy: lr is a multiplier of the estimated step size, ~1.0."""
+    actual_lr, lrs = lr, {lr}
+    if param_groups and isinstance(param_groups[0], dict):
+        actual_lr = param_groups[0].get("lr", lr)
+        lrs = {group.get("lr", actual_lr) for group in param_groups}
+    if actual_lr is not None and actual_lr <= 0.1:
+        logger.warning(f"learning rate is too low for D-Adaptation/Prodigy (lr={actual_lr}): it scales the step size "
+                       "they estimate; use a learning rate around 1.0")
+        logger.warning("recommended: --learning_rate 1.0")
+    if len(lrs) > 1:
+        logger.warning(f"several learning rates given to D-Adaptation/Prodigy ({sorted(lrs)}): Prodigy, DAdaptAdam, "
+                       "DAdaptLion, DAdaptSGD and DAdaptAdamPreprint only accept groups with the same lr or 0; "
+                       "DAdaptAdaGrad, DAdaptAdan and DAdaptAdanIP use the first group's lr for all")
+
+
+def _warn_schedule_free_scheduler(args):
+    # upstream silently replaces the scheduler with a dummy one for schedule-free optimizers
+    if getattr(args, "lr_scheduler", "constant") not in ("constant", "", None) or getattr(args, "lr_warmup_steps", 0):
+        logger.warning(f"schedule-free optimizers use no LR scheduler: --lr_scheduler {args.lr_scheduler} and "
+                       f"--lr_warmup_steps {args.lr_warmup_steps} are ignored "
+                       "(warmup: --optimizer_args warmup_steps=N)")
 
 
 def _prepare_adafactor(args, param_groups, optimizer_kwargs, constructor_kwargs, lr):
@@ -523,7 +515,9 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser):
 
     parser.add_argument("--optimizer_type", type=str, default="",
                         help="optimizer: AdamW (default), AdamW8bit/PagedAdamW*/Lion8bit/PagedLion8bit/SGDNesterov8bit "
-                        "(run as their full-precision versions), Lion, SGDNesterov, Adafactor")
+                        "(run as their full-precision versions), Lion, SGDNesterov, Adafactor, Prodigy, "
+                        "DAdaptation(DAdaptAdamPreprint), DAdaptAdaGrad, DAdaptAdam, DAdaptAdan, DAdaptAdanIP, DAdaptLion, "
+                        "DAdaptSGD, AdamWScheduleFree, SGDScheduleFree, RAdamScheduleFree")
     parser.add_argument("--use_8bit_adam", action="store_true", help="legacy alias of --optimizer_type AdamW8bit")
     parser.add_argument("--use_lion_optimizer", action="store_true", help="legacy alias of --optimizer_type Lion")
     parser.add_argument("--learning_rate", type=float, default=2.0e-6, help="learning rate")

@@ -8,7 +8,7 @@ import tempfile
 
 import toml
 
-from library import custom_train_functions
+from library import custom_train_functions, samplers
 from library.bucketing import INTERPOLATIONS
 
 logger = logging.getLogger(__name__)
@@ -208,6 +208,14 @@ def add_training_arguments(parser):
                              "with the same model, network and flags")
     parser.add_argument("--static_shapes", action="store_true",
                         help="compile the training step once per bucket shape instead of once for all (see README)")
+    parser.add_argument("--sample_every_n_steps", type=int, default=None, help="generate sample images every N steps")
+    parser.add_argument("--sample_at_first", action="store_true", help="generate sample images before training")
+    parser.add_argument("--sample_every_n_epochs", type=int, default=None,
+                        help="generate sample images every N epochs (overrides --sample_every_n_steps)")
+    parser.add_argument("--sample_prompts", type=str, default=None,
+                        help="file of prompts for sample images (.txt with --n/--w/--h/--d/--l/--s/--ss, .toml, .json)")
+    parser.add_argument("--sample_sampler", type=str, default=samplers.DEFAULT_TRAINING_SAMPLER,
+                        choices=samplers.SAMPLER_NAMES, help="sampler (scheduler) of the sample images")
 
 
 def add_config_file_arguments(parser):
@@ -250,10 +258,12 @@ def read_config_from_file(args, parser, argv=None):
             flat.update(value)
         else:
             flat[key] = value
+    # unknown keys are warned about and skipped, not refused: shared configs carry other scripts' keys (upstream
+    # keeps them silently)
     known = {action.dest for action in parser._actions}
-    unknown = sorted(set(flat) - known)
-    if unknown:
-        raise SystemExit(f"--config_file {config_path}: unknown arguments: {', '.join(unknown)}")
+    for key in sorted(set(flat) - known):
+        logger.warning("--config_file %s: unknown key '%s' ignored (not an argument of this script)", config_path, key)
+        del flat[key]
     explicit = parser.parse_args(argv, namespace=argparse.Namespace(**flat))
     explicit.config_file = os.path.splitext(config_path)[0]
     return explicit

@@ -1,4 +1,4 @@
-"""Scalar logging for `--log_with tensorboard` (tensorboardX), with upstream's directory layout and tag names."""
+"""Scalar and sample-image logging for `--log_with tensorboard` (tensorboardX), with upstream's directory layout and tag names."""
 
 import os
 import time
@@ -31,6 +31,13 @@ class TrainingLogger:
             return
         for tag, value in scalars.items():
             self.writer.add_scalar(tag, float(value), step)
+
+    def log_images(self, samples, step: int):
+        """Sample images (library.sample_images.SampleImage) as `sample_<prompt index>`, upstream's wandb keys."""
+        if self.writer is None:
+            return
+        for sample in samples:
+            self.writer.add_image(f"sample_{sample.prompt.index}", sample.image, step, dataformats="HWC")
 
     def close(self):
         if self.writer is not None:

@@ -1,9 +1,7 @@
 """One compiled training step for every bucket, graph reuse of repeated blocks, a compile cache that keeps results
 bit-identical, and runs that stop on non-finite values instead of saving them."""
 
-import glob
 import os
-import struct
 import subprocess
 import sys
 
@@ -12,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 from safetensors import safe_open
-from tensorboardX.proto import event_pb2
 
 import sdxl_train_network
 from library import graph_reuse
@@ -20,6 +17,7 @@ from library.graph_compile import dynamic_input_specs
 from library.sdxl_original_unet import BasicTransformerBlock
 from networks import lora, lora_io
 from tools.make_tiny_checkpoint import make_tiny_checkpoint
+from train_helpers import tensorboard_events
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -160,14 +158,9 @@ def run_trainer_process(flags):
 
 
 def logged_losses(output_dir):
-    """`loss/current` per step from the run's TensorBoard event file (read with the protobuf, no TensorBoard)."""
-    (path,) = glob.glob(str(output_dir / "logs" / "**" / "events.out.tfevents.*"), recursive=True)
-    data, losses, i = open(path, "rb").read(), {}, 0
-    while i < len(data):
-        (length,) = struct.unpack("<Q", data[i:i + 8])
-        event = event_pb2.Event()
-        event.ParseFromString(data[i + 12:i + 12 + length])
-        i += 12 + length + 4
+    """`loss/current` per step from the run's TensorBoard event file."""
+    losses = {}
+    for event in tensorboard_events(output_dir):
         losses.update({event.step: v.simple_value for v in event.summary.value if v.tag == "loss/current"})
     return [losses[step] for step in sorted(losses)]
 

@@ -1,9 +1,11 @@
 """sdxl_minimal_inference: determinism, LoRA merging, the Euler update, prompt routing, the CLI and its errors.
+(The other samplers of --sampler: tests/test_samplers.py.)
 
 Everything runs on the tiny random checkpoint at 64x64 (8x8 latents) with 2-3 steps, eagerly, except the CLI
 end-to-end run, which takes the default graph path and is compared with the eager image.
 """
 
+import inspect
 import logging
 import os
 import re
@@ -15,6 +17,7 @@ from PIL import Image
 from safetensors.numpy import save_file
 
 import sdxl_minimal_inference as smi
+from library import samplers
 from library.sdxl_model_util import state_dict_of
 from library.sdxl_text_encoding import encode_tokens_sdxl
 from tools.make_tiny_checkpoint import make_tiny_checkpoint
@@ -252,6 +255,7 @@ def foreign_lora(tmp_path_factory):
     ("LoRA for another model", ["--lora_weights", "{foreign}"], "it looks like an SD 1.x/2.x LoRA"),
     ("size not a multiple of 8", ["--target_height", "60"], "positive multiples of 8"),
     ("size the UNet cannot halve twice", ["--target_width", "72"], "positive multiples of 32"),
+    ("too few steps for the sampler", ["--sampler", "pndm"], "--sampler pndm needs at least 4 steps, got 2"),
 ])
 def test_cli_bad_input_fails_before_sampling_and_writes_nothing(ckpt, lora_file, foreign_lora, tmp_path, capsys,
                                                                case, extra_args, message):
@@ -264,6 +268,17 @@ def test_cli_bad_input_fails_before_sampling_and_writes_nothing(ckpt, lora_file,
     assert exit_info.value.code != 0
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_sampler_flag_takes_the_trainers_sampler_names_and_defaults_to_euler(capsys):
+    parser = smi.setup_parser()
+    assert parser.parse_args(["--ckpt_path", "x"]).sampler == "euler"
+    for name in samplers.SAMPLER_NAMES:
+        assert parser.parse_args(["--ckpt_path", "x", "--sampler", name]).sampler == name
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--ckpt_path", "x", "--sampler", "plms"])
+    assert "invalid choice: 'plms'" in capsys.readouterr().err
+    assert inspect.signature(smi.SdxlPipeline.generate).parameters["sampler"].default == "euler"
 
 
 def write_lora(path, shapes):

@@ -1,7 +1,11 @@
 """A tiny training workspace shared by the trainer tests: a random tiny checkpoint and a DreamBooth folder."""
 
+import glob
+import struct
+
 import numpy as np
 from PIL import Image
+from tensorboardX.proto import event_pb2
 
 from tools.make_tiny_checkpoint import make_tiny_checkpoint
 
@@ -20,3 +24,16 @@ def write_training_workspace(root, num_images: int, num_repeats: int):
         Image.fromarray((pixels * 255).astype(np.uint8)).save(image_dir / f"img{i}.png")
         (image_dir / f"img{i}.txt").write_text(f"sks picture number {i}")
     return str(ckpt), str(root / "data")
+
+
+def tensorboard_events(output_dir):
+    """The events of the run's one TensorBoard file under `<output_dir>/logs` (read with the protobuf, no
+    TensorBoard)."""
+    (path,) = glob.glob(str(output_dir / "logs" / "**" / "events.out.tfevents.*"), recursive=True)
+    data, i = open(path, "rb").read(), 0
+    while i < len(data):
+        (length,) = struct.unpack("<Q", data[i:i + 8])
+        event = event_pb2.Event()
+        event.ParseFromString(data[i + 12:i + 12 + length])
+        i += 12 + length + 4
+        yield event
