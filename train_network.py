@@ -271,7 +271,7 @@ class NetworkTrainer:
                 optimizer_eval_mode()
                 samples = sample_images(sample_pipeline, sample_prompts, args.output_dir, step=global_step,
                                         epoch=epoch_no, output_name=args.output_name,
-                                        default_sampler=args.sample_sampler)
+                                        default_sampler=args.sample_sampler, progress=True)
                 optimizer_train_mode()
                 tracker.log_images(samples, global_step)
             distributed.barrier()

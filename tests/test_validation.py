@@ -353,8 +353,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("validation")
     ckpt, data_dir = write_training_workspace(root, num_images=6, num_repeats=1)
     add_bucket_images(root / "data" / "1_sks")
-    parser = sdxl_train_network.setup_parser()
-    validation.add_validation_arguments(parser)
+    parser = sdxl_train_network.setup_parser()  # the trainer's flags, the validation ones included
     args = parser.parse_args([
         "--pretrained_model_name_or_path", ckpt, "--train_data_dir", data_dir, "--resolution", "64",
         "--enable_bucket", "--min_bucket_reso", "32", "--max_bucket_reso", "128", "--bucket_reso_steps", "32",
