@@ -298,7 +298,7 @@ class NetworkTrainer:
                     continue
                 train_group.set_current_step(global_step + 1)
                 batch, details = train_group.get_batch(batch_index)
-                noise_inputs = noise_sampler.draw(batch_shape_of(batch, train_group))
+                noise_inputs = noise_sampler.draw(train_group.latent_shape(batch))
                 outputs = compiled_step(*to_tensors(batch), *to_tensors(noise_inputs))
                 loss_value = float(outputs[0].asnumpy()) * args.gradient_accumulation_steps
                 grads_finite = bool(outputs[2].asnumpy()) if len(outputs) > 2 else True  # see TrainStepForSDXLLoRA
@@ -482,14 +482,6 @@ def import_network_module(name):
     if name != "networks.lora":
         raise ValueError(f"--network_module {name}: only networks.lora is available in this port (LyCORIS etc. are not)")
     return importlib.import_module(name)
-
-
-def batch_shape_of(batch, group):
-    """Latent shape (B, 4, h, w) of a batch, from images or cached latents."""
-    first = batch[0]
-    if group.batch_fields[0] == "latents":
-        return first.shape
-    return (first.shape[0], 4, first.shape[2] // 8, first.shape[3] // 8)
 
 
 def to_tensors(arrays):

@@ -561,6 +561,13 @@ class DatasetGroup:
         """Names of the fields of `group[i]`, in order."""
         return batch_fields(self.latents_cached, self.text_encoder_outputs_cached)
 
+    def latent_shape(self, batch) -> Tuple[int, ...]:
+        """(B, 4, h, w) of a batch's latents: the cached latents' shape, or the images' at 1/8."""
+        first = batch[0]
+        if self.batch_fields[0] == "latents":
+            return tuple(first.shape)
+        return (first.shape[0], 4, first.shape[2] // 8, first.shape[3] // 8)
+
     def image_infos(self) -> Iterator[Tuple[BaseDataset, ImageInfo]]:
         """Every registered image once (not per repeat), for caching."""
         for dataset in self.datasets:

@@ -3,10 +3,13 @@
 `ReusedCell` is the base of the blocks a model repeats; `GraphEntry` the base of cells compiled as top-level graphs
 (the models, the train step), which start a reuse generation when they compile. `structure_key` describes what
 decides a cell's traced graph; the compile cache (library/graph_compile.py) keys its folders with it too.
+`eval_mode` switches models to eval mode and back without leaving a flag changed (flags are part of those keys).
 """
 
+import contextlib
 import hashlib
 import inspect
+from typing import Iterable, Iterator
 
 import mindspore as ms
 import numpy as np
@@ -76,6 +79,28 @@ class GraphEntry(nn.Cell):
     def compile(self, *args, **kwargs):
         new_graph_generation(self.shares_repeated_blocks)
         return super().compile(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def eval_mode(cells: Iterable[nn.Cell]) -> Iterator[None]:
+    """Every cell (and sub-cell) in eval mode inside; after, each cell's `training`, phase and graph flags exactly
+    as before (the flags are part of the repeated blocks' reuse keys, `structure_key`)."""
+    cells = list(cells)
+    saved = []
+    for root in cells:
+        for _, cell in root.cells_and_names():
+            saved.append((cell, cell.training, cell.phase, dict(cell.get_flags())))
+    try:
+        for root in cells:
+            root.set_train(False)
+        yield
+    finally:
+        for cell, training, phase, flags in saved:
+            cell.training = training
+            cell.phase = phase
+            live_flags = cell.get_flags()  # the cell's own dict
+            live_flags.clear()
+            live_flags.update(flags)
 
 
 # attributes MindSpore sets on a cell when it compiles it: bookkeeping, not structure

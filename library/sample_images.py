@@ -20,13 +20,13 @@ import logging
 import os
 import random
 import time
-from typing import Iterable, Iterator, List, NamedTuple, Optional, Sequence
+from typing import Iterator, List, NamedTuple, Optional, Sequence
 
 import numpy as np
-from mindspore import nn
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from library.graph_reuse import eval_mode
 from library.sample_prompts import SamplePrompt
 from library.samplers import DEFAULT_TRAINING_SAMPLER, check_sampler
 
@@ -68,28 +68,6 @@ def sample_image_name(output_name: Optional[str], step: int, epoch: Optional[int
     timestamp = timestamp or time.strftime("%Y%m%d%H%M%S", time.localtime())
     suffix = "" if seed is None else f"_{seed}"
     return f"{prefix}{number}_{index:02d}_{timestamp}{suffix}.png"
-
-
-@contextlib.contextmanager
-def eval_mode(cells: Iterable[nn.Cell]) -> Iterator[None]:
-    """Every cell (and sub-cell) in eval mode inside; after, each cell's `training`, phase and graph flags exactly
-    as before (the flags are part of the repeated blocks' graph keys, library/graph_reuse.py)."""
-    cells = list(cells)
-    saved = []
-    for root in cells:
-        for _, cell in root.cells_and_names():
-            saved.append((cell, cell.training, cell.phase, dict(cell.get_flags())))
-    try:
-        for root in cells:
-            root.set_train(False)
-        yield
-    finally:
-        for cell, training, phase, flags in saved:
-            cell.training = training
-            cell.phase = phase
-            live_flags = cell.get_flags()  # the cell's own dict
-            live_flags.clear()
-            live_flags.update(flags)
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from library.custom_train_functions import NUM_TRAIN_TIMESTEPS
 from library.graph_compile import CompiledStep
-from library.graph_reuse import GraphEntry
+from library.graph_reuse import GraphEntry, eval_mode
 from library.noise_sampling import FixedTimestepNoise
 
 logger = logging.getLogger(__name__)
@@ -258,28 +258,6 @@ def validation_batch_indices(num_batches: int, max_steps: Optional[int], rank: i
     return indices[: num_validation_steps(len(indices), max_steps)]
 
 
-def latent_shape_of(batch, batch_fields) -> tuple:
-    """(B, 4, h, w) of a batch's latents, from cached latents or from the images."""
-    first = batch[0]
-    if batch_fields[0] == "latents":
-        return tuple(first.shape)
-    return (first.shape[0], 4, first.shape[2] // 8, first.shape[3] // 8)
-
-
-def _training_flags(network):
-    return [(cell, cell.training, cell.phase) for _, cell in network.cells_and_names()]
-
-
-def _restore_training_flags(flags):
-    # cells_and_names lists a cell before its children, so each set_train (recursive) is then corrected below it;
-    # the phase (part of a top-level graph's compile key) is put back as it was too
-    for cell, mode, _ in flags:
-        if cell.training != mode:
-            cell.set_train(mode)
-    for cell, _, phase in flags:
-        cell.phase = phase
-
-
 def run_validation(validation_step, validation_group, noise: FixedTimestepNoise, timesteps: Sequence[int], network,
                    max_steps: Optional[int] = None, rank: int = 0, world_size: int = 1,
                    show_progress: bool = False, description: str = "validation steps") -> ValidationResult:
@@ -288,14 +266,12 @@ def run_validation(validation_step, validation_group, noise: FixedTimestepNoise,
     losses come back in upstream's order."""
     indices = validation_batch_indices(len(validation_group), max_steps, rank, world_size)
     result = ValidationResult()
-    flags = _training_flags(network)
-    network.set_train(False)
     progress = tqdm(total=len(indices) * len(timesteps), desc=description, smoothing=0, leave=False,
                     disable=not show_progress)
-    try:
+    with eval_mode([network]), progress:
         for index in indices:
             batch, _ = validation_group.get_batch(index)
-            shape = latent_shape_of(batch, validation_group.batch_fields)
+            shape = validation_group.latent_shape(batch)
             batch_tensors = tuple(ms.Tensor(a) for a in batch)
             for timestep in timesteps:
                 draws = noise.draw(shape, index, timestep)
@@ -303,9 +279,6 @@ def run_validation(validation_step, validation_group, noise: FixedTimestepNoise,
                 result.losses.append(float(loss.asnumpy()))
                 progress.update(1)
                 progress.set_postfix(val_avg_loss=f"{result.mean:.4f}", timestep=timestep)
-    finally:
-        progress.close()
-        _restore_training_flags(flags)
     return result
 
 

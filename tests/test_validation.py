@@ -318,6 +318,9 @@ def test_run_validation_restores_mixed_train_flags_after_an_error():
         def get_batch(self, index):
             return (np.zeros((1, 4, 8, 8), np.float32),), {}
 
+        def latent_shape(self, batch):
+            return batch[0].shape
+
     seen = []
 
     def failing_step(*inputs):
