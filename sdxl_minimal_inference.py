@@ -224,9 +224,6 @@ class SdxlPipeline:
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         samplers.check_sampler(sampler, steps)
-        # a new reuse generation before each model that graph mode may compile here (the text encoders and the VAE
-        # too when the caller runs in GRAPH_MODE, as the trainer does): see library/graph_reuse.py
-        graph_reuse.new_graph_generation()
         context, y = self.conditioning(prompt, prompt if prompt2 is None else prompt2, negative_prompt,
                                        original_size or target_size, crop_top_left, target_size)
 
@@ -234,11 +231,11 @@ class SdxlPipeline:
         rng = np.random.default_rng(seed)
         noise = rng.standard_normal(shape, dtype=np.float32)
         guidance = ms.Tensor(guidance_scale, ms.float32)
-        graph_reuse.new_graph_generation()  # a compile for a new size must not reuse blocks parsed for another
+        # the jitted function is no GraphEntry: a compile for a new size must not reuse blocks parsed for another
+        graph_reuse.new_graph_generation()
         latents = samplers.sample_latents(sampler, lambda x, t: self.guided_unet(x, t, context, y, guidance), noise,
                                           steps, rng, progress, self.v_parameterization)
 
-        graph_reuse.new_graph_generation()
         image = self.vae.decode((latents / sdxl_model_util.VAE_SCALE_FACTOR).astype(self.vae_dtype))
         image = (image.astype(ms.float32).asnumpy()[0] / 2 + 0.5).clip(0, 1)
         return (image.transpose(1, 2, 0) * 255).round().astype(np.uint8)

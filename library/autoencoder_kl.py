@@ -166,7 +166,7 @@ class UNetMidBlock2D(nn.Cell):
         return self.resnets[1](x)
 
 
-class Encoder(nn.Cell):
+class Encoder(GraphEntry):  # a top-level graph when `encode` runs in graph mode
     """Image (B, in, H, W) -> moments (B, 2*latent, H/f, W/f), f = 2**(levels-1)."""
 
     def __init__(self, in_channels, latent_channels, block_out_channels, layers_per_block, groups):
@@ -192,7 +192,7 @@ class Encoder(nn.Cell):
         return self.conv_out(ops.silu(self.conv_norm_out(x)))
 
 
-class Decoder(nn.Cell):
+class Decoder(GraphEntry):  # a top-level graph when `decode` runs in graph mode
     """Latent (B, latent, h, w) -> image (B, out, h*f, w*f); up blocks walk the widths in reverse."""
 
     def __init__(self, latent_channels, out_channels, block_out_channels, layers_per_block, groups):

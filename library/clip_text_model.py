@@ -103,7 +103,7 @@ class CLIPEncoder(nn.Cell):
         return all_states
 
 
-class CLIPTextTransformer(nn.Cell):
+class CLIPTextTransformer(GraphEntry):  # a top-level graph when called as `te.text_model(ids)`
     def __init__(self, vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                  num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5):
         super().__init__()
