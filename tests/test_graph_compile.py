@@ -200,9 +200,10 @@ def test_three_buckets_one_compile_and_a_cache_that_changes_nothing(bucket_works
     np.testing.assert_allclose(logged_losses(tmp_path / "warm"), expected_losses, rtol=1e-6, atol=0)
     warm = lora_tensors(tmp_path / "warm" / "lora.safetensors")
     assert warm.keys() == expected.keys()
-    # AdamW's normalised steps carry an ulp into ~1e-6 of the weights; the training moved them by ~1e-3 per step
+    # AdamW divides by sqrt(v): where a gradient is near zero an ulp of it moves a weight by up to a fraction of
+    # the learning rate (measured: 1.1e-5 once in CI). A wrong or NaN graph is off by whole steps (1e-3 each).
     for key in expected:
-        np.testing.assert_allclose(warm[key], expected[key], rtol=0, atol=1e-5, err_msg=key)
+        np.testing.assert_allclose(warm[key], expected[key], rtol=0, atol=1e-4, err_msg=key)
 
     # the same flags but a learning rate that diverges: the warm cache serves it (the rate is a parameter)
     diverged = run_trainer_process(bucket_flags(
