@@ -1,15 +1,19 @@
-"""Benchmark host memory: peak RSS of loading an SDXL checkpoint (fp32, fp16) and of merging a LoRA into it.
+"""Benchmark host memory: peak RSS of loading an SDXL checkpoint (fp32, fp16), of merging a LoRA into it, and of
+one LoRA training step with and without gradient checkpointing.
 
-    python bench/bench_memory.py                          # SDXL base size: ~16 GB free RAM, ~7 GB temp disk
-    python bench/bench_memory.py --config bench_medium    # the same runs on the 138M-parameter UNet, in seconds
+    python bench/bench_memory.py                          # SDXL base size: ~20 GB free RAM, ~7 GB temp disk
+    python bench/bench_memory.py --config bench_medium    # the same runs on the 138M-parameter UNet, ~3 min
+    python bench/bench_memory.py --config bench_medium --only train --train_resolution 512
 
 A first child process gives models of the config's size random fp16 weights and writes them as a temporary fp16
 single-file checkpoint (with the project's own saver), plus a LoRA on every module (Dense and conv, rank
 `--network_dim`, nonzero lora_up). Then every measurement runs in a fresh child, because peak RSS (ru_maxrss) is
 per process and never goes down: load in fp32, load in fp16, and load in fp32 + merge the LoRA (what
-sdxl_minimal_inference.py does). Each child reports its peak right after importing mindspore and the project
-(the baseline) and at the end. Nothing is kept unless `--workdir` names a folder. The JSON layout is documented
-in bench/README.md.
+sdxl_minimal_inference.py does); then one training step (compile + step) of the trainer's own step cell on
+random-weight models, without and with `--gradient_checkpointing` (static shapes, cached latents and text-encoder
+outputs, `--train_resolution`, `--train_batch_size`). Each child reports its peak right after importing mindspore
+and the project (the baseline) and at the end. Nothing is kept unless `--workdir` names a folder. The JSON layout
+is documented in bench/README.md.
 """
 
 import argparse
@@ -31,12 +35,15 @@ sys.path.insert(0, REPO_ROOT)
 import mindspore as ms  # noqa: E402
 import numpy as np  # noqa: E402
 
+import bench_train  # noqa: E402  (this script's folder: the training-step rows build what it times)
 from library import sdxl_model_util  # noqa: E402
 from networks import lora  # noqa: E402
 
 SCHEMA_VERSION = 1
 MB = 1024 * 1024
-MEASUREMENTS = ("load_fp32", "load_fp16", "merge_lora_fp32")
+LOAD_MEASUREMENTS = ("load_fp32", "load_fp16", "merge_lora_fp32")
+TRAIN_MEASUREMENTS = ("train_step", "train_step_checkpointing")
+MEASUREMENTS = LOAD_MEASUREMENTS + TRAIN_MEASUREMENTS
 CHECKPOINT, LORA_FILE = "random_sdxl_fp16.safetensors", "all_modules_lora.safetensors"
 
 
@@ -47,6 +54,10 @@ def parse_args(argv=None):
     parser.add_argument("--workdir", default=None,
                         help="folder for the checkpoint and LoRA (kept, and reused when present); default: a "
                              "temporary folder, removed at the end")
+    parser.add_argument("--train_resolution", type=int, default=128, help="image side of the training-step rows")
+    parser.add_argument("--train_batch_size", type=int, default=1)
+    parser.add_argument("--only", choices=("load", "train"), default=None,
+                        help="run only the load/merge rows or only the training-step rows")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="bench/results_memory.json")
     parser.add_argument("--child", choices=("write",) + MEASUREMENTS, help=argparse.SUPPRESS)
@@ -83,6 +94,31 @@ def write_inputs(args, config):
     return {"params": params, "lora_modules": len(network.loras)}
 
 
+def train_step_once(args, config, gradient_checkpointing: bool) -> dict:
+    """Build the trainer's step on random-weight models (dim `--network_dim` LoRA, AdamW), compile it and run one
+    step: what bench/bench_train.py measures, in this process."""
+    bench_args = bench_train.parse_args(
+        ["--config", args.config, "--resolution", str(args.train_resolution), "--batch_size",
+         str(args.train_batch_size), "--network_dim", str(args.network_dim), "--seed", str(args.seed),
+         "--static_shapes"] + (["--gradient_checkpointing"] if gradient_checkpointing else []))
+    targs = bench_train.trainer_args(bench_args, None)
+    bench_train.train_network.configure_mindspore(targs)
+    bench_train.train_network.set_seed(args.seed)
+    train_step, _ = bench_train.build_train_step(config, targs)
+    results = {"peak_rss_mb_after_build": peak_rss_mb()}
+    rng = np.random.default_rng(args.seed)
+    batch = tuple(ms.Tensor(a) for a in bench_train.make_batch(config, bench_args, rng))
+    noise = tuple(ms.Tensor(a) for a in bench_train.NoiseSampler(targs, seed=args.seed).draw(batch[0].shape))
+    start = time.perf_counter()
+    train_step.compile(*batch, *noise)
+    results["compile_s"] = time.perf_counter() - start
+    results["peak_rss_mb_after_compile"] = peak_rss_mb()
+    start = time.perf_counter()
+    results["loss"] = float(train_step(*batch, *noise)[1].asnumpy())
+    results["step_s"] = time.perf_counter() - start
+    return results
+
+
 def measure(args, task, config) -> dict:
     """One task in this (fresh) process; peak RSS from right after the imports to the end."""
     baseline = peak_rss_mb()
@@ -90,6 +126,8 @@ def measure(args, task, config) -> dict:
     results = {}
     if task == "write":
         results.update(write_inputs(args, config))
+    elif task in TRAIN_MEASUREMENTS:
+        results.update(train_step_once(args, config, gradient_checkpointing=task == "train_step_checkpointing"))
     else:
         dtype = ms.float16 if task == "load_fp16" else ms.float32
         te1, te2, vae, unet, _, _ = sdxl_model_util.load_models_from_sdxl_checkpoint(
@@ -116,7 +154,8 @@ def measure(args, task, config) -> dict:
 
 def run_child(args, task) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", task, "--config", args.config,
-           "--network_dim", str(args.network_dim), "--workdir", args.workdir, "--seed", str(args.seed)]
+           "--network_dim", str(args.network_dim), "--workdir", args.workdir, "--seed", str(args.seed),
+           "--train_resolution", str(args.train_resolution), "--train_batch_size", str(args.train_batch_size)]
     print("running:", task, flush=True)
     child = subprocess.run(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if child.returncode != 0:
@@ -156,13 +195,17 @@ def run_all(args) -> dict:
     """The write child (unless the workdir has its files already), then each measurement's child."""
     report = {"schema_version": SCHEMA_VERSION, "environment": environment(),
               "settings": {"config": args.config, "network_dim": args.network_dim, "seed": args.seed,
-                           "checkpoint_dtype": "float16"},
+                           "checkpoint_dtype": "float16", "train_resolution": args.train_resolution,
+                           "train_batch_size": args.train_batch_size},
               "runs": []}
-    if not all(os.path.exists(os.path.join(args.workdir, name)) for name in (CHECKPOINT, LORA_FILE)):
-        report["runs"].append(run_child(args, "write"))
-        if "error" in report["runs"][-1]:
-            return report
-    report["runs"] += [run_child(args, task) for task in MEASUREMENTS]
+    if args.only != "train":
+        if not all(os.path.exists(os.path.join(args.workdir, name)) for name in (CHECKPOINT, LORA_FILE)):
+            report["runs"].append(run_child(args, "write"))
+            if "error" in report["runs"][-1]:
+                return report
+        report["runs"] += [run_child(args, task) for task in LOAD_MEASUREMENTS]
+    if args.only != "load":
+        report["runs"] += [run_child(args, task) for task in TRAIN_MEASUREMENTS]
     return report
 
 

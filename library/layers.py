@@ -43,18 +43,14 @@ class GroupNorm(nn.Cell):
         self.eps = eps
         self.weight = Parameter(initializer(One(), (num_channels,), ms.float32), name="weight")
         self.bias = Parameter(initializer(Zero(), (num_channels,), ms.float32), name="bias")
-        # the ReduceMean primitive, not Tensor.mean: same kernel and results, but graph mode traces Tensor.mean's
-        # argument dispatch at every call site, which made the tiny SDXL UNet's compile ~20% slower (measured)
-        self.reduce_mean = ops.ReduceMean(keep_dims=True)
 
     def construct(self, x):
-        shape = x.shape
-        h = ops.cast(x, ms.float32).reshape(shape[0], self.num_groups, -1)
-        mean = self.reduce_mean(h, -1)
-        var = self.reduce_mean(ops.square(h - mean), -1)
-        h = ((h - mean) / ops.sqrt(var + self.eps)).reshape(shape)
-        affine_shape = (1, -1) + (1,) * (len(shape) - 2)
-        h = h * self.weight.reshape(affine_shape) + self.bias.reshape(affine_shape)
+        # the fused GroupNorm kernel, not mean/var/affine from broadcasting ops: MindSpore 2.10's CPU Add/Sub/Mul/
+        # RealDiv keep two size_t index arrays of the output's length (4x an fp32 output) for the graph's life
+        # whenever the operands' shapes differ, which made each GroupNorm hold ~30x its input in a train step
+        # and gradient checkpointing (which repeats those kernels) cost memory instead of saving it (measured)
+        h = ops.group_norm(ops.cast(x, ms.float32), self.num_groups, ops.cast(self.weight, ms.float32),
+                           ops.cast(self.bias, ms.float32), self.eps)
         return ops.cast(h, x.dtype)
 
 
@@ -93,6 +89,13 @@ def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 
     bias_init = initializer(ms.common.initializer.Uniform(bound), (out_channels,), ms.float32) if bias else None
     return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad", padding=padding,
                      has_bias=bias, weight_init=weight, bias_init=bias_init)
+
+
+def upsample_nearest_2x(x):
+    """(B, C, H, W) -> (B, C, 2H, 2W), nearest neighbour, as a broadcast: exact, differentiable and free of
+    backend-specific resize kernels."""
+    b, c, h, w = x.shape
+    return ops.broadcast_to(x.reshape(b, c, h, 1, w, 1), (b, c, h, 2, w, 2)).reshape(b, c, h * 2, w * 2)
 
 
 def attention(q, k, v, heads: int, mask=None):
