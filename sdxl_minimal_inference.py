@@ -118,9 +118,9 @@ def cast_parameters(cell: nn.Cell, dtype):
             param.set_dtype(dtype)
 
 
-def size_multiple(unet) -> int:
+def size_multiple(unet, downsample_class=Downsample2D) -> int:
     """Pixel sizes must be multiples of this: the VAE's factor 8 times 2 per UNet downsampling."""
-    downsamplings = sum(isinstance(cell, Downsample2D) for _, cell in unet.cells_and_names())
+    downsamplings = sum(isinstance(cell, downsample_class) for _, cell in unet.cells_and_names())
     return VAE_DOWNSCALE * 2 ** downsamplings
 
 
@@ -130,13 +130,17 @@ class SdxlPipeline:
     `SdxlPipeline(ckpt_path, ...)` loads a checkpoint and merges LoRAs: the weights are loaded in fp32 so LoRA
     deltas are added at full precision, then cast to `dtype`; with fp16 the VAE stays fp32, as upstream (SDXL's
     VAE overflows in fp16). `SdxlPipeline.from_models(...)` wraps models that are already loaded (the trainer's,
-    with its LoRA network applied in place) and uses them exactly as they are.
+    with its LoRA network applied in place) and uses them exactly as they are. `generate` is family-neutral:
+    `conditioning(...)` returns the guided UNet's conditioning inputs (SDXL: context and y; SD 1.x/2.x's
+    `sd_minimal_inference.SdPipeline` returns the context alone).
     """
+
+    vae_scale_factor = sdxl_model_util.VAE_SCALE_FACTOR
 
     def __init__(self, ckpt_path: str, lora_weights: Sequence[LoraWeight] = (), dtype: str = "fp32",
                  graph_mode: bool = True, tokenizer_cache_dir: Optional[str] = None):
         dtype = runnable_dtype(dtype)
-        if not os.path.isfile(ckpt_path):
+        if not os.path.exists(ckpt_path):
             raise FileNotFoundError(f"--ckpt_path: checkpoint not found: {ckpt_path}")
         for weight in lora_weights:
             if not os.path.isfile(weight.path):
@@ -144,7 +148,7 @@ class SdxlPipeline:
             lora_io.check_sdxl_lora_file(weight.path)  # before the checkpoint loads: a wrong file costs no minutes
         tokenizer = SdxlTokenizeStrategy(None, tokenizer_cache_dir)
 
-        te1, te2, vae, unet, _, _ = sdxl_model_util.load_models_from_sdxl_checkpoint(ckpt_path)
+        te1, te2, vae, unet, _, _ = sdxl_train_util.load_sdxl_models(ckpt_path, "--ckpt_path")
         for weight in lora_weights:
             merger, weights_sd = lora.create_network_from_weights(
                 weight.multiplier, weight.path, vae, [te1, te2], unet, for_inference=True
@@ -224,8 +228,8 @@ class SdxlPipeline:
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         samplers.check_sampler(sampler, steps)
-        context, y = self.conditioning(prompt, prompt if prompt2 is None else prompt2, negative_prompt,
-                                       original_size or target_size, crop_top_left, target_size)
+        conds = self.conditioning(prompt, prompt if prompt2 is None else prompt2, negative_prompt,
+                                  original_size or target_size, crop_top_left, target_size)
 
         shape = (1, LATENT_CHANNELS, height // VAE_DOWNSCALE, width // VAE_DOWNSCALE)
         rng = np.random.default_rng(seed)
@@ -233,10 +237,10 @@ class SdxlPipeline:
         guidance = ms.Tensor(guidance_scale, ms.float32)
         # the jitted function is no GraphEntry: a compile for a new size must not reuse blocks parsed for another
         graph_reuse.new_graph_generation()
-        latents = samplers.sample_latents(sampler, lambda x, t: self.guided_unet(x, t, context, y, guidance), noise,
+        latents = samplers.sample_latents(sampler, lambda x, t: self.guided_unet(x, t, *conds, guidance), noise,
                                           steps, rng, progress, self.v_parameterization)
 
-        image = self.vae.decode((latents / sdxl_model_util.VAE_SCALE_FACTOR).astype(self.vae_dtype))
+        image = self.vae.decode((latents / self.vae_scale_factor).astype(self.vae_dtype))
         image = (image.astype(ms.float32).asnumpy()[0] / 2 + 0.5).clip(0, 1)
         return (image.transpose(1, 2, 0) * 255).round().astype(np.uint8)
 
@@ -259,24 +263,8 @@ def save_image(image: np.ndarray, output_dir: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ command line
 
-def setup_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="SDXL text-to-image with LoRAs merged (Euler or another sampler, classifier-free guidance)")
-    parser.add_argument("--ckpt_path", type=str, required=True, help="single-file SDXL checkpoint (.safetensors)")
-    parser.add_argument("--prompt", type=str, default="A photo of a cat", help="prompt for text encoder 1 (and 2)")
-    parser.add_argument("--prompt2", type=str, default=None, help="prompt for text encoder 2 (default: --prompt)")
-    parser.add_argument("--negative_prompt", type=str, default="", help="negative prompt (both text encoders)")
-    parser.add_argument("--output_dir", type=str, default=".", help="where the PNG files go")
-    parser.add_argument("--lora_weights", type=str, nargs="*", default=[],
-                        help="LoRA files to merge, each 'path' or 'path;multiplier' (default multiplier 1.0)")
-    parser.add_argument("--target_height", type=int, default=1024,
-                        help="image height; a multiple of 32 for SDXL (VAE x8, UNet x4)")
-    parser.add_argument("--target_width", type=int, default=1024,
-                        help="image width; a multiple of 32 for SDXL (VAE x8, UNet x4)")
-    parser.add_argument("--original_height", type=int, default=None, help="size conditioning (default: target)")
-    parser.add_argument("--original_width", type=int, default=None, help="size conditioning (default: target)")
-    parser.add_argument("--crop_top", type=int, default=0, help="crop conditioning, top")
-    parser.add_argument("--crop_left", type=int, default=0, help="crop conditioning, left")
+def add_sampling_arguments(parser: argparse.ArgumentParser):
+    """The flags every minimal inference script shares: guidance, steps, sampler, seed, dtype, mode."""
     parser.add_argument("--guidance_scale", type=float, default=7.0, help="classifier-free guidance scale")
     parser.add_argument("--steps", type=int, default=50, help="number of sampling steps")
     parser.add_argument("--sampler", type=str, choices=samplers.SAMPLER_NAMES,
@@ -291,6 +279,28 @@ def setup_parser() -> argparse.ArgumentParser:
                              "with fp16 the VAE runs in fp32")
     parser.add_argument("--mode", type=str, choices=["graph", "pynative"], default="graph",
                         help="run the UNet as a compiled graph (one compile per image size) or eagerly")
+
+
+def setup_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="SDXL text-to-image with LoRAs merged (Euler or another sampler, classifier-free guidance)")
+    parser.add_argument("--ckpt_path", type=str, required=True,
+                        help="single-file SDXL checkpoint (.safetensors) or diffusers model folder")
+    parser.add_argument("--prompt", type=str, default="A photo of a cat", help="prompt for text encoder 1 (and 2)")
+    parser.add_argument("--prompt2", type=str, default=None, help="prompt for text encoder 2 (default: --prompt)")
+    parser.add_argument("--negative_prompt", type=str, default="", help="negative prompt (both text encoders)")
+    parser.add_argument("--output_dir", type=str, default=".", help="where the PNG files go")
+    parser.add_argument("--lora_weights", type=str, nargs="*", default=[],
+                        help="LoRA files to merge, each 'path' or 'path;multiplier' (default multiplier 1.0)")
+    parser.add_argument("--target_height", type=int, default=1024,
+                        help="image height; a multiple of 32 for SDXL (VAE x8, UNet x4)")
+    parser.add_argument("--target_width", type=int, default=1024,
+                        help="image width; a multiple of 32 for SDXL (VAE x8, UNet x4)")
+    parser.add_argument("--original_height", type=int, default=None, help="size conditioning (default: target)")
+    parser.add_argument("--original_width", type=int, default=None, help="size conditioning (default: target)")
+    parser.add_argument("--crop_top", type=int, default=0, help="crop conditioning, top")
+    parser.add_argument("--crop_left", type=int, default=0, help="crop conditioning, left")
+    add_sampling_arguments(parser)
     parser.add_argument("--interactive", action="store_true",
                         help="after loading, read prompt / prompt2 / negative prompt / seed from stdin in a loop "
                              "(instead of --prompt/--prompt2/--negative_prompt/--seed)")

@@ -1,9 +1,13 @@
-"""NetworkTrainer: Kohya's LoRA training loop on MindSpore, independent of the model family.
+"""Train an SD 1.x / 2.x LoRA with Kohya's command line; `NetworkTrainer`, the training loop of every model family.
+
+    python train_network.py --pretrained_model_name_or_path v1-5-pruned.safetensors --dataset_config data.toml \
+        --network_module networks.lora --network_dim 16 --output_dir out --output_name my_lora   # [--v2 ...]
 
 Read `NetworkTrainer.train` top to bottom: arguments -> seed -> datasets -> models -> caches -> network ->
-optimizer and schedule -> graph-mode train step -> epochs and steps -> saves. A model family subclasses the
-trainer (SDXL: `sdxl_train_network.SdxlNetworkTrainer`) and provides the model loading, tokenization, caching
-encoders and `train_step_class`, the cell that runs forward and backward in one compiled graph.
+optimizer and schedule -> graph-mode train step -> epochs and steps -> saves. `NetworkTrainer`'s own hooks are
+SD 1.x / 2.x's, as upstream's (model loading, tokenization, latent caching, `TrainStepForSDLoRA`, sample images);
+SDXL subclasses it (`sdxl_train_network.SdxlNetworkTrainer`). `TrainStepForLoRA` is what the families' train steps
+share: the cell that runs forward and backward in one compiled graph.
 """
 
 import argparse
@@ -23,10 +27,20 @@ console.quiet_third_party_output()  # before mindspore, which reads GLOG_v when 
 
 import mindspore as ms  # noqa: E402
 import numpy as np  # noqa: E402
+from mindspore import ops  # noqa: E402
+from mindspore.amp import all_finite  # noqa: E402
 from tqdm import tqdm  # noqa: E402
+with console.quiet_import():  # mindone.transformers prints and warns while it registers its models
+    from mindone.diffusers.training_utils import TrainStep  # noqa: E402
 
 from library import config_util, custom_train_functions, lr_schedulers, optimizers, sai_model_spec  # noqa: E402
-from library import distributed, train_state, train_util, validation  # noqa: E402
+from library import caching, distributed, model_util, sdxl_train_util, train_state, train_util, validation  # noqa: E402
+from library.autoencoder_kl import sample_diagonal_gaussian  # noqa: E402
+from library.custom_train_functions import DiffusionNoiseAndLoss  # noqa: E402
+from library.graph_reuse import GraphEntry  # noqa: E402
+from library.sd_text_encoding import check_clip_skip, encode_tokens_sd  # noqa: E402
+from library.sdxl_text_encoding import apply_token_weights  # noqa: E402
+from library.sd_tokenize import SdTokenizeStrategy  # noqa: E402
 from library.datasets import debug_dataset  # noqa: E402
 from library.graph_compile import CompiledStep  # noqa: E402
 from library import interrupts  # noqa: E402
@@ -34,42 +48,221 @@ from library.lora_metadata import SS_METADATA_MINIMUM_KEYS, build_training_metad
 from library.noise_sampling import NoiseSampler  # noqa: E402
 from library.sample_images import sample_images, should_sample  # noqa: E402
 from library.sample_prompts import check_sample_prompts  # noqa: E402
-from library.training_logger import TrainingLogger  # noqa: E402
+from library.step_offsets import check_offset_args, start_position  # noqa: E402
+from library.training_logger import TrainingLogger, check_logging_args  # noqa: E402
+from sd_minimal_inference import VAE_SCALE_FACTOR, SdPipeline  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 
-class NetworkTrainer:
-    """The generic loop. Subclasses override the hooks below (tuple inputs and outputs, see the seed doc)."""
+class TrainStepForLoRA(GraphEntry, TrainStep):
+    """One LoRA training step as one graph: inputs are the batch tuple followed by the host noise draws.
 
-    vae_scale_factor = 0.18215
-    model_version_metadata = "sd_v1"  # ss_base_model_version
-    train_step_class = None
+    Batch tuple (library.datasets): images | latents, `num_text_fields` text fields (token ids, or cached
+    text-encoder outputs), loss_weights, original_sizes_hw, crop_top_lefts, target_sizes_hw[, alpha_masks with
+    masked loss]. Noise draws: see library.noise_sampling.NoiseSampler. Returns (loss, per-step unscaled loss for
+    logging[, gradients all finite]).
+
+    A model family sets its text encoders (`set_text_encoders`, called between the UNet and the VAE so that the
+    cells keep the order the compile-cache key was first computed with), `num_text_fields`, and the two
+    model-specific parts of the forward: `get_text_cond(text_fields)` and `call_unet(noisy_latents, timesteps,
+    text_conds, original_sizes_hw, crop_top_lefts, target_sizes_hw)`.
+    """
+
+    # an optional input is a class-level False, set on the instance only when on: a plain step keeps the
+    # attributes, and so the compile-cache key (library/graph_compile.py), it had before the input existed
+    masked_loss = False
+
+    def __init__(self, network, optimizer, unet, text_encoders, vae, noise_and_loss: DiffusionNoiseAndLoss, *,
+                 latents_cached: bool, text_encoder_outputs_cached: bool, train_text_encoder: bool,
+                 weight_dtype, vae_dtype, vae_scale_factor: float, loss_scaler=None, max_grad_norm=None,
+                 gradient_accumulation_steps: int = 1, length_of_dataloader: int = -1, weighted_captions: bool = False,
+                 masked_loss: bool = False):
+        accumulation_kwargs = {}
+        if gradient_accumulation_steps > 1:
+            accumulation_kwargs = {"length_of_dataloader": length_of_dataloader}
+        super().__init__(
+            network, optimizer, loss_scaler=loss_scaler, max_grad_norm=max_grad_norm,
+            gradient_accumulation_steps=gradient_accumulation_steps, gradient_accumulation_kwargs=accumulation_kwargs,
+        )
+        self.unet = unet
+        self.set_text_encoders(text_encoders)
+        self.vae = vae
+        self.noise_and_loss = noise_and_loss
+        self.latents_cached = latents_cached
+        self.text_encoder_outputs_cached = text_encoder_outputs_cached
+        self.train_text_encoder = train_text_encoder
+        self.weight_dtype = weight_dtype
+        self.vae_dtype = vae_dtype
+        self.vae_scale_factor = vae_scale_factor
+        self.num_text_fields = self.count_text_fields(text_encoder_outputs_cached, weighted_captions)
+        self.accumulating = gradient_accumulation_steps > 1
+        self.shares_repeated_blocks = not self.accumulating  # see library/graph_reuse.py
+        if masked_loss:
+            self.masked_loss = True
+
+    def set_text_encoders(self, text_encoders):
+        raise NotImplementedError
+
+    def count_text_fields(self, text_encoder_outputs_cached: bool, weighted_captions: bool) -> int:
+        raise NotImplementedError
+
+    def get_text_cond(self, text_fields):
+        raise NotImplementedError
+
+    def call_unet(self, noisy_latents, timesteps, text_conds, original_sizes_hw, crop_top_lefts, target_sizes_hw):
+        raise NotImplementedError
+
+    def construct(self, *inputs):
+        """mindone's TrainStep.construct, without its `if sync_gradients` branch when nothing accumulates: that
+        branch makes a graph loaded from MindSpore's compile cache fail on its first step (measured, MS 2.10).
+        Without accumulation the outputs end with whether every gradient was finite (the trainer stops on False)."""
+        if self.accumulating:
+            # named, not super(): graph mode resolves super() from type(self), which for a subclass is this method
+            return TrainStep.construct(self, *inputs)
+        outputs, grads = self.forward_and_backward(*inputs)
+        grads = self.grad_accumulator.step(grads)  # the data-parallel all-reduce, if any
+        grads = self.grad_scaler.unscale(grads)
+        grads_finite = all_finite(grads)
+        grads = self.grad_clipper.clip_grad_norm(grads)
+        self.grad_scaler.step(self.optimizer, grads)
+        self.grad_scaler.update()
+        return (self.unscale_loss(outputs[0]),) + outputs[1:] + (grads_finite,)
+
+    def forward(self, *inputs):
+        pixels_or_latents = inputs[0]
+        text_fields = inputs[1 : 1 + self.num_text_fields]
+        rest = inputs[1 + self.num_text_fields :]
+        loss_weights, original_sizes_hw, crop_top_lefts, target_sizes_hw = rest[0], rest[1], rest[2], rest[3]
+        masks, noise_draws = (rest[4], rest[5:]) if self.masked_loss else (None, rest[4:])
+
+        if self.latents_cached:
+            latents = pixels_or_latents
+        else:
+            mean, logvar = self.vae.encode(pixels_or_latents.astype(self.vae_dtype))
+            latents = ops.stop_gradient(sample_diagonal_gaussian(mean, logvar)).astype(ms.float32)
+        latents = latents * self.vae_scale_factor
+
+        if self.text_encoder_outputs_cached:
+            text_conds = text_fields
+        else:
+            text_conds = self.get_text_cond(text_fields)
+            if not self.train_text_encoder:
+                text_conds = ops.stop_gradient(text_conds)
+
+        noise, noisy_latents, timesteps = self.noise_and_loss.noisy_latents_from_draws(latents, noise_draws)
+        model_pred = self.call_unet(noisy_latents, timesteps, text_conds, original_sizes_hw, crop_top_lefts,
+                                    target_sizes_hw)
+        target = self.noise_and_loss.get_target(latents, noise, timesteps)
+        loss = self.noise_and_loss.compute_loss(model_pred, target, timesteps, loss_weights, masks)
+        return self.scale_loss(loss), loss
+
+
+def sd_get_text_cond(text_encoder, input_ids, clip_skip, weight_dtype, token_weights=None):
+    """The SD 1.x / 2.x conditioning (B, L, C) as training uses it, optionally weighted per token."""
+    hidden_states = encode_tokens_sd(text_encoder, input_ids, clip_skip)
+    if token_weights is not None:
+        hidden_states = apply_token_weights(hidden_states, token_weights)
+    return hidden_states.astype(weight_dtype)
+
+
+class TrainStepForSDLoRA(TrainStepForLoRA):
+    """The SD 1.x / 2.x step: one text encoder (ids, with --weighted_captions also their weights; `clip_skip` as
+    upstream), `unet(noisy_latents, timesteps, hidden_states)`; the size fields of the batch are not used."""
+
+    def __init__(self, *args, clip_skip=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.clip_skip = clip_skip
+
+    def set_text_encoders(self, text_encoders):
+        (self.text_encoder,) = text_encoders
+
+    def count_text_fields(self, text_encoder_outputs_cached: bool, weighted_captions: bool) -> int:
+        return 2 if weighted_captions else 1
+
+    def get_text_cond(self, text_fields):
+        token_weights = text_fields[1] if self.num_text_fields == 2 else None
+        return sd_get_text_cond(self.text_encoder, text_fields[0], self.clip_skip, self.weight_dtype, token_weights)
+
+    def call_unet(self, noisy_latents, timesteps, text_conds, original_sizes_hw, crop_top_lefts, target_sizes_hw):
+        return self.unet(noisy_latents.astype(self.weight_dtype), timesteps, text_conds.astype(self.weight_dtype))
+
+
+class NetworkTrainer:
+    """The generic loop, with SD 1.x / 2.x's hooks; a model family overrides the hooks (tuple inputs and outputs,
+    see the seed doc)."""
+
+    is_sdxl = False
+    vae_scale_factor = VAE_SCALE_FACTOR
+    model_version_metadata = "sd_v1"  # ss_base_model_version; load_target_model sets it from --v2 / --v_param...
+    train_step_class = TrainStepForSDLoRA
+    latents_npz_suffix = caching.SD_LATENTS_NPZ_SUFFIX
 
     # ----- hooks of a model family ---------------------------------------------------------------------------
 
     def assert_extra_args(self, args, train_dataset_group):
-        pass
+        verify_sd_training_args(args)
+        train_dataset_group.verify_bucket_reso_steps(64)
+        train_dataset_group.num_text_encoders = 1  # batches carry one token-id field
 
     def load_target_model(self, args, weight_dtype):
         """-> (text_encoders tuple, vae, unet)."""
-        raise NotImplementedError("train_network.py trains SDXL only here: use sdxl_train_network.py")
+        text_encoder, vae, unet = load_sd_models(args)
+        check_clip_skip(text_encoder, args.clip_skip)
+        self.model_version_metadata = model_version_str_for_sd1_sd2(args.v2, args.v_parameterization)
+        return (text_encoder,), vae, unet
 
     def load_tokenizer(self, args):
-        raise NotImplementedError
+        return SdTokenizeStrategy(args.v2, args.max_token_length, args.tokenizer_cache_dir)
 
     def cache_latents(self, args, vae, dataset_group):
-        raise NotImplementedError
+        vae_dtype = vae_dtype_for(args)
+
+        def encode(images: np.ndarray) -> np.ndarray:
+            mean, logvar = vae.encode(ms.Tensor(images, vae_dtype))
+            return sample_diagonal_gaussian(mean, logvar).asnumpy().astype(np.float32)
+
+        caching.cache_latents(
+            dataset_group, encode, args.vae_batch_size, args.cache_latents_to_disk, args.skip_cache_check,
+            **cache_sharding(args.cache_latents_to_disk), npz_suffix=self.latents_npz_suffix,
+        )
 
     def cache_text_encoder_outputs(self, args, text_encoders, dataset_group, tokenize_strategy):
-        raise NotImplementedError
+        # upstream's train_network.py has no such flag for SD 1.x / 2.x (setup_parser sets it off)
+        raise NotImplementedError("text-encoder output caching is SDXL's (sdxl_train_network.py)")
+
+    def train_step_kwargs(self, args) -> dict:
+        """The family's own keyword arguments of `train_step_class`."""
+        return {"clip_skip": args.clip_skip}
 
     def build_train_step(self, args, network, optimizer, text_encoders, vae, unet, dataset_group, weight_dtype):
-        raise NotImplementedError
+        latents_cached = bool(args.cache_latents)
+        return self.train_step_class(
+            network, optimizer, unet, text_encoders, None if latents_cached else vae,
+            DiffusionNoiseAndLoss.from_args(args),
+            latents_cached=latents_cached,
+            text_encoder_outputs_cached=bool(args.cache_text_encoder_outputs),
+            train_text_encoder=not args.network_train_unet_only,
+            weight_dtype=weight_dtype,
+            vae_dtype=vae_dtype_for(args),
+            vae_scale_factor=self.vae_scale_factor,
+            max_grad_norm=args.max_grad_norm or None,  # Kohya's 0 means "no clipping"
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            length_of_dataloader=distributed.batches_per_rank(len(dataset_group), distributed.get_state().world_size),
+            weighted_captions=dataset_group.weighted_captions,
+            masked_loss=dataset_group.with_masks,
+            **self.train_step_kwargs(args),
+        )
 
     def build_sample_pipeline(self, args, text_encoders, vae, unet, tokenize_strategy, weight_dtype):
         """The pipeline `library.sample_images.sample_images` generates with: the models as they are in training."""
-        raise NotImplementedError
+        return SdPipeline.from_models(*text_encoders, vae, unet, tokenize_strategy, dtype=weight_dtype,
+                                      vae_dtype=vae_dtype_for(args), v_parameterization=args.v_parameterization,
+                                      clip_skip=args.clip_skip)
+
+    def get_sai_model_spec(self, args, timestamp):
+        """The `modelspec.*` metadata of a LoRA file."""
+        return sai_model_spec.get_sai_model_spec(args, lora=True, timestamp=timestamp, sdxl=self.is_sdxl)
 
     def network_targets(self, text_encoders, unet):
         """(vae, text_encoders list, unet) as create_network expects them."""
@@ -84,6 +277,8 @@ class NetworkTrainer:
         training_started_at = time.time()
         train_util.check_unsupported_flags(args, logger.info)
         train_util.verify_training_args(args)
+        check_logging_args(args)
+        check_offset_args(args)
         validation.verify_validation_args(args)
         sample_prompts = check_sample_prompts(args.sample_prompts, args.sample_sampler)
         train_util.check_output_paths(args)
@@ -196,14 +391,24 @@ class NetworkTrainer:
         )
         self.validator = validator
 
-        global_step, first_epoch = 0, 0
+        resumed_step = None
         if args.resume:
-            global_step, first_epoch = train_state.load_state(
+            resumed_step, resumed_epoch = train_state.load_state(
                 args.resume, network, optimizer, lr_scheduler, noise_sampler, num_update_steps_per_epoch,
                 world_size=dist.world_size, rank=dist.rank,
             )
             optimizer_train_mode()
-            logger.info("resumed from %s at step %d (epoch %d)", args.resume, global_step, first_epoch + 1)
+            logger.info("resumed from %s at step %d (epoch %d)", args.resume, resumed_step, resumed_epoch + 1)
+        # the step count, epoch and batch to start at (--resume, --initial_step/epoch, --skip_until_initial_step)
+        start = start_position(
+            num_batches_per_epoch=num_batches_per_epoch, gradient_accumulation_steps=args.gradient_accumulation_steps,
+            max_train_steps=args.max_train_steps, initial_step=args.initial_step, initial_epoch=args.initial_epoch,
+            skip_until_initial_step=args.skip_until_initial_step, resumed_step=resumed_step,
+        )
+        global_step, first_epoch = start.global_step, start.first_epoch
+        if start.global_step > 0:
+            logger.info("starting at step %d in epoch %d (skipping %d batches of it)", start.global_step,
+                        start.first_epoch + 1, start.skip_batches)
 
         metadata = build_training_metadata(
             args, session_id, training_started_at, train_group, network, optimizer_name, optimizer_args,
@@ -223,7 +428,7 @@ class NetworkTrainer:
             md["ss_training_finished_at"] = str(time.time())
             md["ss_steps"] = str(steps)
             md["ss_epoch"] = str(epoch_no)
-            md.update(sai_model_spec.get_sai_model_spec(args, lora=True, timestamp=training_started_at))
+            md.update(self.get_sai_model_spec(args, training_started_at))
             optimizer_eval_mode()
             network.save_weights(path, save_dtype, md)
             optimizer_train_mode()
@@ -282,11 +487,15 @@ class NetworkTrainer:
         network.set_train(True)
         output_name = args.output_name
         current_epoch = first_epoch
-        skip_batches = (global_step - first_epoch * num_update_steps_per_epoch) * args.gradient_accumulation_steps
+        skip_batches = start.skip_batches
+        if skip_batches and args.gradient_accumulation_steps > 1:
+            # mindone's accumulator counts the epoch's batches to step at its end: start it at the skipped ones
+            train_step.grad_accumulator.batch_idx.set_data(ms.Tensor(skip_batches, ms.int64))
         stop = interrupts.StopRequest()  # Ctrl-C / SIGTERM: stop after the current step, save, exit (library/interrupts.py)
         stop.install()
         stopping = False  # what the ranks agreed on, not the local flag
         sample(0)  # --sample_at_first (and, on resume with --sample_every_n_epochs, as upstream)
+        tracker.commit(0)  # wandb: the first samples' row, as upstream
 
         for epoch in range(first_epoch, num_train_epochs):
             current_epoch = epoch
@@ -324,8 +533,8 @@ class NetworkTrainer:
                 progress.update(1)
                 progress.set_postfix(avr_loss=f"{loss_recorder.moving_average:.4f}", loss=f"{loss_value:.4f}",
                                      lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-                tracker.log(logs, global_step)
-                sample(None)
+                sample(None)  # before the step's logs: wandb puts the images in the step's row, as upstream
+                tracker.log_step(logs, global_step, epoch + 1)
 
                 if args.save_every_n_steps and global_step % args.save_every_n_steps == 0 and global_step < args.max_train_steps:
                     save_model(train_util.get_step_ckpt_name(output_name, global_step), global_step, epoch + 1)
@@ -340,7 +549,7 @@ class NetworkTrainer:
                 if validator is not None:
                     validation_logs = validator.after_step(global_step, epoch, loss_recorder.moving_average)
                     if validation_logs:
-                        tracker.log(validation_logs, global_step)
+                        tracker.log_step(validation_logs, global_step, epoch + 1)
                 if global_step >= args.max_train_steps:
                     break
                 if stop.requested():
@@ -352,8 +561,8 @@ class NetworkTrainer:
             if validator is not None:
                 validation_logs = validator.after_epoch(epoch, loss_recorder.moving_average)
                 if validation_logs:
-                    tracker.log(validation_logs, epoch + 1)
-            tracker.log({"loss/epoch_average": loss_recorder.moving_average}, epoch + 1)
+                    tracker.log_epoch(validation_logs, global_step, epoch + 1)
+            tracker.log_epoch({"loss/epoch_average": loss_recorder.moving_average}, global_step, epoch + 1)
             finished = global_step >= args.max_train_steps
             if finished:
                 current_epoch = epoch + 1
@@ -441,6 +650,43 @@ class NonFiniteTrainingError(ValueError):
         )
 
 
+def verify_sd_training_args(args):
+    """Upstream's SD 1.x / 2.x checks (warnings: both run upstream), before any model loads."""
+    if args.v2 and args.clip_skip is not None:
+        logger.warning("--v2 with --clip_skip will be unexpected: SD 2.x already uses the penultimate layer")
+    if args.v_parameterization and not args.v2:
+        logger.warning("--v_parameterization without --v2: the SD 1.x checkpoint must be a v-prediction model")
+
+
+def model_version_str_for_sd1_sd2(v2: bool, v_parameterization: bool) -> str:
+    """ss_base_model_version as upstream's model_util writes it: sd_v1, sd_v2, and with v-parameterization
+    sd_v1_v / sd_v2_v."""
+    return ("sd_v2" if v2 else "sd_v1") + ("_v" if v_parameterization else "")
+
+
+def load_sd_models(args):
+    """(text_encoder, vae, unet) from `--pretrained_model_name_or_path` (a single-file SD 1.x, or with --v2 SD 2.x,
+    checkpoint, or a diffusers model folder) and `--vae`."""
+    path = args.pretrained_model_name_or_path
+    if path is None:
+        raise ValueError("--pretrained_model_name_or_path is required (a single-file SD 1.x/2.x .safetensors checkpoint "
+                         "or a diffusers model folder)")
+    text_encoder, vae, unet = model_util.load_sd_models(path, args.v2, "--pretrained_model_name_or_path")
+    if args.vae:
+        vae = sdxl_train_util.load_vae(args.vae, vae)  # the same VAE and file formats as SDXL's
+    return text_encoder, vae, unet
+
+
+def cache_sharding(to_disk: bool) -> dict:
+    """Data parallel: disk caches are split (image i on rank i % N, the trainer waits for all before training);
+    in-memory caches are built whole by every rank (a rank may read any image over the epochs), as upstream."""
+    state = distributed.get_state()
+    sharding = {"show_progress": state.is_main_process}
+    if to_disk:
+        sharding.update(num_processes=state.world_size, process_index=state.rank)
+    return sharding
+
+
 def set_seed(seed: int):
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -510,7 +756,11 @@ def setup_parser() -> argparse.ArgumentParser:
     train_util.add_config_file_arguments(parser)
     custom_train_functions.add_noise_and_loss_arguments(parser)
     custom_train_functions.add_custom_train_arguments(parser)
+    custom_train_functions.add_masked_loss_arguments(parser)
     add_network_arguments(parser)
+    # SD 1.x / 2.x has no text-encoder output caching, as upstream's train_network.py (no such flag: argparse
+    # refuses it); sdxl_train_network adds the flags
+    parser.set_defaults(cache_text_encoder_outputs=False, cache_text_encoder_outputs_to_disk=False)
     return parser
 
 
@@ -539,10 +789,19 @@ def add_network_arguments(parser):
                         help="multipliers of --base_weights (default 1.0 each)")
 
 
+def run(trainer: NetworkTrainer, parser: argparse.ArgumentParser, argv=None):
+    """Parse the command line (and --config_file), then train; bad input ends with one line naming it."""
+    args = parser.parse_args(argv)
+    args = train_util.read_config_from_file(args, parser, argv)
+    console.setup_logging(args)
+    try:
+        return trainer.train(args)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def main(argv=None):
-    raise SystemExit(
-        "train_network.py trains SD 1.x/2.x models upstream; this port implements SDXL only: use sdxl_train_network.py"
-    )
+    return run(NetworkTrainer(), setup_parser(), argv)
 
 
 if __name__ == "__main__":

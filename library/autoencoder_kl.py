@@ -2,7 +2,7 @@
 
 Parameter names equal a diffusers AutoencoderKL state dict (modern attention names: `to_q`, `to_k`, `to_v`,
 `to_out.0`), so a diffusers VAE loads without renaming and an LDM one (`first_stage_model.*`) loads through
-`model_util.convert_ldm_vae_checkpoint`. mindone's AutoencoderKL is not used because its `mint` layers have
+`vae_conversion.convert_ldm_vae_checkpoint`. mindone's AutoencoderKL is not used because its `mint` layers have
 no CPU kernels (see DESIGN.md).
 
 Cells that run under GRAPH_MODE take and return tuples: `encode` gives `(mean, logvar)`; compiled code samples

@@ -70,6 +70,7 @@ class DreamBoothSubsetParams(BaseSubsetParams):
     class_tokens: Optional[str] = None
     caption_extension: str = ".caption"
     cache_info: bool = False
+    conditioning_data_dir: Optional[str] = None  # loss masks (--masked_loss), upstream's ControlNet-style subset
 
 
 @dataclass
@@ -227,7 +228,9 @@ DREAMBOOTH_ASCENDABLE: Dict[str, Checker] = {
     "class_tokens": _check_str,
     "cache_info": _check_bool,
 }
-DREAMBOOTH_SUBSET_ONLY: Dict[str, Checker] = {"image_dir": _check_str, "is_reg": _check_bool, "alpha_mask": _check_bool}
+DREAMBOOTH_SUBSET_ONLY: Dict[str, Checker] = {
+    "image_dir": _check_str, "is_reg": _check_bool, "alpha_mask": _check_bool, "conditioning_data_dir": _check_str,
+}
 FINETUNING_SUBSET_ONLY: Dict[str, Checker] = {"metadata_file": _check_str, "image_dir": _check_str, "alpha_mask": _check_bool}
 DATASET_ASCENDABLE: Dict[str, Checker] = {
     "batch_size": _positive(_check_int),
@@ -252,6 +255,8 @@ FINETUNING_SUBSET_KEYS = {**SUBSET_ASCENDABLE, **DROPOUT_ASCENDABLE, **FINETUNIN
 ARGPARSE_OPTNAME_TO_CONFIG_OPTNAME = {"train_batch_size": "batch_size", "dataset_repeats": "num_repeats"}
 # dataset options that only the command line sets
 ARGPARSE_SPECIFIC = {"prior_loss_weight": _check_number}
+# subset-only in a config, but the command line sets their default for every subset, as upstream (--alpha_mask)
+ARGPARSE_SUBSET_DEFAULTS = {"alpha_mask": _check_bool}
 
 
 def _where_allowed(key: str) -> str:
@@ -418,7 +423,7 @@ def _argparse_config(args: Optional[argparse.Namespace]) -> dict:
         return {}
     args = argparse.Namespace(**vars(args))
     prepare_dataset_args(args)
-    checkers = {**GENERAL_KEYS, **ARGPARSE_SPECIFIC}
+    checkers = {**GENERAL_KEYS, **ARGPARSE_SPECIFIC, **ARGPARSE_SUBSET_DEFAULTS}
     config = {}
     for name, value in vars(args).items():
         key = ARGPARSE_OPTNAME_TO_CONFIG_OPTNAME.get(name, name)
@@ -509,6 +514,11 @@ def generate_blueprint(user_config: dict, args: Optional[argparse.Namespace] = N
     config = sanitize_user_config(user_config, source_name)
     source = _Source(source_name)
     cli = _argparse_config(args)
+    masked_loss = bool(getattr(args, "masked_loss", False))
+    if getattr(args, "conditioning_data_dir", None) is not None:
+        # upstream's sdxl_train_network parses the flag and ignores it
+        raise ConfigError("command line --conditioning_data_dir: masks are read from a dataset config: set "
+                          "conditioning_data_dir in each [[datasets.subsets]] (with --masked_loss)")
     general = config["general"]
     if not config["datasets"]:
         raise source.error("datasets", "no [[datasets]] defined")
@@ -527,10 +537,22 @@ def generate_blueprint(user_config: dict, args: Optional[argparse.Namespace] = N
         for j, subset_config in enumerate(subsets_config):
             subset_path = f"{path}.subsets[{j}]"
             subset_params = _params_from(subset_klass, [subset_config, dataset_config, general, cli])
-            _check_subset_params(subset_params, source, subset_path)
+            _check_subset_params(subset_params, source, subset_path, masked_loss)
             subsets.append(SubsetBlueprint(subset_params, source.at(subset_path)))
         datasets.append(DatasetBlueprint(is_dreambooth, params, subsets, source.at(path)))
-    return DatasetGroupBlueprint(datasets)
+    blueprint = DatasetGroupBlueprint(datasets)
+    if masked_loss and not uses_masks(blueprint):
+        logger.warning("--masked_loss: no subset has conditioning_data_dir or alpha_mask; the loss is not masked")
+    return blueprint
+
+
+def uses_masks(blueprint: DatasetGroupBlueprint) -> bool:
+    """Whether some subset has loss masks (alpha_mask, or conditioning_data_dir with --masked_loss): then every
+    batch of the training and validation groups carries masks, as upstream masks the loss whenever a batch has."""
+    return any(
+        s.params.alpha_mask or getattr(s.params, "conditioning_data_dir", None) is not None
+        for d in blueprint.datasets for s in d.subsets
+    )
 
 
 def _check_dataset_params(params: DatasetParams, source: _Source, path: str):
@@ -545,14 +567,21 @@ def _check_dataset_params(params: DatasetParams, source: _Source, path: str):
             raise ConfigError(str(e)) from None
 
 
-def _check_subset_params(params, source: _Source, path: str):
+def _check_subset_params(params, source: _Source, path: str, masked_loss: bool = False):
     if params.face_crop_aug_range is not None:
         raise source.error(f"{path}.face_crop_aug_range", "face_crop_aug_range is not supported by this trainer")
-    if params.alpha_mask:
-        raise source.error(f"{path}.alpha_mask", "alpha_mask (masked loss) is not supported by this trainer")
     if isinstance(params, DreamBoothSubsetParams):
         if not os.path.isdir(params.image_dir):
             raise source.error(f"{path}.image_dir", f"image folder not found: {params.image_dir}")
+        if params.conditioning_data_dir is not None:
+            where = f"{path}.conditioning_data_dir"
+            if not masked_loss:
+                raise source.error(where, "conditioning_data_dir (loss masks) needs --masked_loss, as upstream")
+            if params.alpha_mask:
+                raise source.error(where, "a subset takes its masks from conditioning_data_dir or from alpha_mask, "
+                                          "not both")
+            if not os.path.isdir(params.conditioning_data_dir):
+                raise source.error(where, f"mask folder not found: {params.conditioning_data_dir}")
     else:
         if not os.path.isfile(params.metadata_file):
             raise source.error(f"{path}.metadata_file", f"metadata file not found: {params.metadata_file}")
@@ -579,6 +608,7 @@ def generate_dataset_group_by_blueprint(blueprint: DatasetGroupBlueprint, seed: 
         return klass(dataset_blueprint.subsets, dataset_blueprint.params, dataset_blueprint.where, is_training)
 
     dataset_seed = random.Random(seed).randint(0, 2**31)
+    with_masks = uses_masks(blueprint)
     for d in blueprint.datasets:
         if d.params.validation_seed is None:
             # upstream shuffles with the global random state here, so its train and validation
@@ -587,11 +617,11 @@ def generate_dataset_group_by_blueprint(blueprint: DatasetGroupBlueprint, seed: 
             d.params.validation_seed = seed
     train = [build(d, True) for d in blueprint.datasets]
     val = [build(d, False) for d in blueprint.datasets if d.params.validation_split > 0]
-    train_group = DatasetGroup(train, dataset_seed, tokenize_strategy)
+    train_group = DatasetGroup(train, dataset_seed, tokenize_strategy, with_masks)
     if len(train_group) == 0:
         folders = [s.params.image_dir or s.params.metadata_file for d in blueprint.datasets for s in d.subsets]
         raise ConfigError(f"no training images found in {', '.join(map(str, folders))} (extensions: .png .jpg .jpeg .webp .bmp)")
-    val_group = DatasetGroup(val, dataset_seed, tokenize_strategy) if val else None
+    val_group = DatasetGroup(val, dataset_seed, tokenize_strategy, with_masks) if val else None
     for i, dataset in enumerate(train):
         logger.info("[dataset %d] %s", i, dataset.describe())
     if val_group is not None and len(val_group) == 0:
@@ -610,4 +640,8 @@ def build_dataset_groups(args: argparse.Namespace, tokenize_strategy=None):
     user_config, source_name = user_config_from_args(args)
     blueprint = generate_blueprint(user_config, args, source_name)
     seed = args.seed if getattr(args, "seed", None) is not None else 0
-    return generate_dataset_group_by_blueprint(blueprint, seed, tokenize_strategy)
+    train_group, val_group = generate_dataset_group_by_blueprint(blueprint, seed, tokenize_strategy)
+    for group in (train_group, val_group):
+        if group is not None:
+            group.weighted_captions = bool(getattr(args, "weighted_captions", False))
+    return train_group, val_group

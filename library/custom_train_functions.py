@@ -12,7 +12,7 @@ Upstream spreads this over `train_util.get_noise_noisy_latents_and_timesteps`,
 Order a train step follows (what `DiffusionNoiseAndLoss` wraps):
     noise, noisy_latents, timesteps = noisy_latents_from_draws(latents, draws)  # offset, multires, ip noise
     target = get_target(latents, noise, timesteps)    # noise, or velocity for v-prediction
-    loss = compute_loss(model_pred, target, timesteps, loss_weights)
+    loss = compute_loss(model_pred, target, timesteps, loss_weights[, masks])  # masks: masked loss only
 """
 
 import argparse
@@ -23,6 +23,7 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 NUM_TRAIN_TIMESTEPS = 1000
+LATENT_STRIDE = 8  # image pixels per latent pixel along each side (the VAE's downsampling)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,6 +174,14 @@ def conditional_loss(model_pred, target, loss_type, huber_c=None):
         root = ops.sqrt(diff * diff + c * c) - c
         return 2.0 * c * root if loss_type == "huber" else 2.0 * root
     raise ValueError(f"--loss_type must be one of l1, l2, huber, smooth_l1; got {loss_type!r}")
+
+
+def apply_masked_loss(loss, masks):
+    """Upstream's `apply_masked_loss`: the (B, 1, H, W) masks in [0, 1] at image size are resized to the loss's
+    (h, w) = (H, W) / 8 with "area" interpolation (the mean of each 8x8 block) and multiply the per-pixel loss,
+    before the per-sample mean (so masked-out pixels count as zero loss, not as absent)."""
+    pooled = ops.AvgPool(kernel_size=LATENT_STRIDE, strides=LATENT_STRIDE)(masks.astype(loss.dtype))
+    return loss * pooled
 
 
 def apply_snr_weight(loss, timesteps, all_snr, gamma, v_prediction=False):
@@ -334,9 +343,12 @@ class DiffusionNoiseAndLoss:
             loss = apply_debiased_estimation(loss, timesteps, self.all_snr, self.v_parameterization)
         return loss
 
-    def compute_loss(self, model_pred, target, timesteps, loss_weights):
-        """Scalar loss of `process_batch`: element loss -> mean per sample -> * loss_weights -> weightings -> mean."""
+    def compute_loss(self, model_pred, target, timesteps, loss_weights, masks=None):
+        """Scalar loss of `process_batch`: element loss [-> * masks] -> mean per sample -> * loss_weights ->
+        weightings -> mean. `masks`: the batch's `alpha_masks` with masked loss, else None (a plain step)."""
         loss = self.element_loss(model_pred, target, timesteps)
+        if masks is not None:
+            loss = apply_masked_loss(loss, masks)
         loss = loss.mean(axis=tuple(range(1, loss.ndim)))
         loss = self.post_process_loss(loss * loss_weights.astype(ms.float32), timesteps)
         return loss.mean()
@@ -395,6 +407,14 @@ def add_noise_and_loss_arguments(parser: argparse.ArgumentParser):
                         help="Huber loss decay parameter for huber/smooth_l1 losses (default 0.1)")
     parser.add_argument("--huber_scale", type=float, default=1.0,
                         help="Huber loss scale for the constant and exponential schedules (default 1.0)")
+
+
+def add_masked_loss_arguments(parser: argparse.ArgumentParser):
+    """Upstream's `train_util.add_masked_loss_arguments` (its `--alpha_mask` is a dataset flag)."""
+    parser.add_argument("--conditioning_data_dir", type=str, default=None,
+                        help="conditioning data directory; here masks come from the dataset config's subsets")
+    parser.add_argument("--masked_loss", action="store_true",
+                        help="apply mask for calculating loss. conditioning_data_dir is required for dataset")
 
 
 def add_custom_train_arguments(parser: argparse.ArgumentParser, support_weighted_captions: bool = True):

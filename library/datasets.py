@@ -5,12 +5,19 @@ Its fields depend on what is cached (see `batch_fields` and `DatasetGroup.batch_
 
     0     images (B, 3, H, W) float32 in [-1, 1]      | latents (B, 4, H/8, W/8) float32, unscaled
     1, 2  input_ids1, input_ids2 (B, n, 77) int32      (n = 1, 2 or 3 chunks of 77 tokens)
+          then token_weights1, token_weights2 (B, n, 77) float32 with --weighted_captions
+          (`DatasetGroup.weighted_captions`: fields 3, 4; see library/prompt_weights)
+      or  input_ids [, token_weights] for SD 1.x/2.x's one text encoder (`DatasetGroup.num_text_encoders` 1)
       or  hidden_state1 (B, L, 768), hidden_state2 (B, L, 1280), pool2 (B, 1280) float32
           when the text-encoder outputs are cached (fields 1, 2, 3)
     then  loss_weights (B,) float32         1.0, or prior_loss_weight for regularisation images
           original_sizes_hw (B, 2) int32    size of the image file
           crop_top_lefts (B, 2) int32       SDXL crop conditioning (flip-adjusted)
           target_sizes_hw (B, 2) int32      bucket size
+    last, with masked loss only (`DatasetGroup.with_masks`):
+          alpha_masks (B, 1, H, W) float32  loss weight per image pixel in [0, 1]: a subset's alpha channel
+                                            (alpha_mask) or the red channel of its conditioning_data_dir mask,
+                                            resized, cropped and flipped as the image; ones for other subsets
 
 All images of a batch share one bucket. `DatasetGroup.set_current_epoch(e)` reshuffles from
 (seed + e); batch i of an epoch, with its augmentations and caption randomness, depends only on
@@ -31,7 +38,10 @@ import numpy as np
 from library import captions as caption_util
 from library.caching import load_latents_npz, load_text_encoder_outputs_npz
 from library.bucketing import BucketManager, trim_and_resize_if_required, verify_bucket_reso_steps
-from library.image_loading import BadImageError, color_aug, get_image_size, glob_images, load_image, to_chw_float
+from library.image_loading import (
+    BadImageError, color_aug, get_image_size, glob_images, load_image, load_mask, match_mask_images, split_alpha_mask,
+    to_chw_float, to_mask_float,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +49,24 @@ METADATA_CACHE_FILE = "metadata_cache.json"  # --cache_info: captions and sizes 
 SIZE_FIELDS = ("loss_weights", "original_sizes_hw", "crop_top_lefts", "target_sizes_hw")
 
 
-def batch_fields(latents_cached: bool, text_encoder_outputs_cached: bool) -> Tuple[str, ...]:
-    """Names of the batch tuple's fields, in order."""
+def batch_fields(latents_cached: bool, text_encoder_outputs_cached: bool, with_masks: bool = False,
+                 weighted_captions: bool = False, num_text_encoders: int = 2) -> Tuple[str, ...]:
+    """Names of the batch tuple's fields, in order (SD 1.x/2.x, one text encoder: input_ids [, token_weights])."""
     first = ("latents",) if latents_cached else ("images",)
-    text = ("hidden_state1", "hidden_state2", "pool2") if text_encoder_outputs_cached else ("input_ids1", "input_ids2")
-    return first + text + SIZE_FIELDS
+    suffixes = ("",) if num_text_encoders == 1 else ("1", "2")
+    text = ("hidden_state1", "hidden_state2", "pool2") if text_encoder_outputs_cached else tuple(
+        f"input_ids{k}" for k in suffixes)
+    if weighted_captions and not text_encoder_outputs_cached:
+        text += tuple(f"token_weights{k}" for k in suffixes)
+    masks = ("alpha_masks",) if with_masks else ()
+    return first + text + SIZE_FIELDS + masks
+
+
+def _stack_per_encoder(per_sample: list, dtype) -> Tuple[np.ndarray, ...]:
+    """One (B, n, 77) array per text encoder from each sample's tokenizer output: a tuple with one array per encoder
+    (SDXL) or a single array (SD 1.x/2.x)."""
+    per_sample = [t if isinstance(t, tuple) else (t,) for t in per_sample]
+    return tuple(np.stack([t[k] for t in per_sample]).astype(dtype) for k in range(len(per_sample[0])))
 
 
 @dataclass
@@ -58,9 +81,11 @@ class ImageInfo:
     bucket_reso: Optional[Tuple[int, int]] = None
     resized_size: Optional[Tuple[int, int]] = None
     resize_interpolation: Optional[str] = None
+    mask_path: Optional[str] = None  # its mask in the subset's conditioning_data_dir
     # latent cache, in memory ...
     latents: Optional[np.ndarray] = None
     latents_flipped: Optional[np.ndarray] = None
+    alpha_mask: Optional[np.ndarray] = None  # (H, W) float32 of the bucket, for alpha_mask subsets
     latents_original_size: Optional[Tuple[int, int]] = None
     latents_crop_ltrb: Optional[Tuple[float, float, float, float]] = None
     # ... or on disk
@@ -223,36 +248,50 @@ class BaseDataset:
 
     # ---- batches
 
-    def get_batch(self, index: int, tokenize_strategy, latents_cached: bool, text_encoder_outputs_cached: bool):
+    def get_batch(self, index: int, tokenize_strategy, latents_cached: bool, text_encoder_outputs_cached: bool,
+                  with_masks: bool = False, weighted_captions: bool = False):
         """(arrays, details): the batch tuple and, for logging, per-sample keys, captions, flips."""
         rng = random.Random(f"{self.seed}/{self.current_epoch}/{index}")
-        samples = [self._sample(self.image_data[key], rng, latents_cached, text_encoder_outputs_cached) for key in self.batch_keys(index)]
+        samples = [
+            self._sample(self.image_data[key], rng, latents_cached, text_encoder_outputs_cached, with_masks)
+            for key in self.batch_keys(index)
+        ]
         first = np.stack([s["pixels"] for s in samples])
         if text_encoder_outputs_cached:
             text = tuple(np.stack([s["text"][k] for s in samples]).astype(np.float32) for k in range(3))
         else:
             if tokenize_strategy is None:
                 raise ValueError("the dataset needs a tokenize strategy (or cached text-encoder outputs)")
-            tokens = [tokenize_strategy.tokenize(s["caption"]) for s in samples]
-            text = tuple(np.stack([t[k] for t in tokens]).astype(np.int32) for k in range(2))
+            if weighted_captions:
+                tokens = [tokenize_strategy.tokenize_with_weights(s["caption"]) for s in samples]
+                text = _stack_per_encoder([t[0] for t in tokens], np.int32) + \
+                    _stack_per_encoder([t[1] for t in tokens], np.float32)
+            else:
+                tokens = [tokenize_strategy.tokenize(s["caption"]) for s in samples]
+                text = _stack_per_encoder(tokens, np.int32)
         arrays = (first,) + text + (
             np.array([s["loss_weight"] for s in samples], dtype=np.float32),
             np.array([s["original_size_hw"] for s in samples], dtype=np.int32),
             np.array([s["crop_top_left"] for s in samples], dtype=np.int32),
             np.array([s["target_size_hw"] for s in samples], dtype=np.int32),
         )
+        if with_masks:
+            arrays += (np.stack([s["alpha_mask"] for s in samples])[:, None],)
         details = {k: [s[k] for s in samples] for k in ("image_key", "caption", "flipped")}
         return arrays, details
 
-    def _sample(self, info: ImageInfo, rng: random.Random, latents_cached: bool, text_encoder_outputs_cached: bool) -> dict:
+    def _sample(self, info: ImageInfo, rng: random.Random, latents_cached: bool, text_encoder_outputs_cached: bool,
+                with_masks: bool) -> dict:
         subset = info.subset
         flipped = subset.flip_aug and rng.random() < 0.5
         if latents_cached:
-            pixels, original_size, crop_ltrb = self._cached_latents(info, flipped)
+            pixels, mask, original_size, crop_ltrb = self._cached_latents(info, flipped)
             target_size = (pixels.shape[2] * 8, pixels.shape[1] * 8)
         else:
-            pixels, original_size, crop_ltrb = self._load_pixels(info, rng, flipped)
+            pixels, mask, original_size, crop_ltrb = self._load_pixels(info, rng, flipped)
             target_size = (pixels.shape[2], pixels.shape[1])
+        if with_masks and mask is None:
+            mask = np.ones((target_size[1], target_size[0]), np.float32)  # a subset without masks: as upstream
         # crop_ltrb[2] is the right edge; seen in a mirror it becomes the left one
         crop_left = target_size[0] - crop_ltrb[2] if flipped else crop_ltrb[0]
 
@@ -274,20 +313,36 @@ class BaseDataset:
             "original_size_hw": (int(original_size[1]), int(original_size[0])),
             "crop_top_left": (int(crop_ltrb[1]), int(crop_left)),
             "target_size_hw": (int(target_size[1]), int(target_size[0])),
+            "alpha_mask": mask if with_masks else None,
         }
 
     def _cached_latents(self, info: ImageInfo, flipped: bool):
+        """(latents, mask float32 (H, W) or None, original_size, crop_ltrb) from the cache; an alpha_mask
+        subset's mask is cached with the latents, a conditioning_data_dir mask is read and fitted as the image
+        was when it was cached (centred: caching forbids random_crop)."""
         if info.latents is not None:
             latents = info.latents_flipped if flipped else info.latents
-            return latents, info.latents_original_size, info.latents_crop_ltrb
-        if info.latents_npz is None:
-            raise ValueError(f"latents of {info.absolute_path} are not cached")
-        latents, original_size, crop_ltrb, latents_flipped = load_latents_npz(info.latents_npz)
-        if flipped:
-            if latents_flipped is None:
-                raise ValueError(f"{info.latents_npz} has no latents_flipped; cache again with flip_aug")
-            latents = latents_flipped
-        return latents, original_size, crop_ltrb
+            original_size, crop_ltrb, mask = info.latents_original_size, info.latents_crop_ltrb, info.alpha_mask
+        else:
+            if info.latents_npz is None:
+                raise ValueError(f"latents of {info.absolute_path} are not cached")
+            latents, original_size, crop_ltrb, latents_flipped, mask = load_latents_npz(info.latents_npz)
+            if flipped:
+                if latents_flipped is None:
+                    raise ValueError(f"{info.latents_npz} has no latents_flipped; cache again with flip_aug")
+                latents = latents_flipped
+        if not info.subset.alpha_mask:
+            mask = None  # a mask cached by an earlier alpha_mask run is not this run's
+        elif mask is None:
+            raise ValueError(f"{info.latents_npz}: no alpha_mask for this alpha_mask subset; cache again without "
+                             "--skip_cache_check")
+        if info.mask_path is not None:  # fitted as library.caching fitted the image
+            mask = to_mask_float(trim_and_resize_if_required(
+                load_mask(info.mask_path), info.bucket_reso, info.resized_size, False, info.resize_interpolation
+            )[0])
+        if mask is not None and flipped:
+            mask = mask[:, ::-1]
+        return latents, mask, original_size, crop_ltrb
 
     def _cached_text(self, info: ImageInfo):
         if info.text_encoder_outputs is not None:
@@ -297,20 +352,34 @@ class BaseDataset:
         return load_text_encoder_outputs_npz(info.text_encoder_outputs_npz)
 
     def _load_pixels(self, info: ImageInfo, rng: random.Random, flipped: bool):
+        """(pixels, mask float32 (H, W) or None, original_size, crop_ltrb) from the image file (and its mask)."""
         subset = info.subset
-        image = load_image(info.absolute_path)
-        if self.enable_bucket:
-            image, original_size, crop_ltrb = trim_and_resize_if_required(
-                image, info.bucket_reso, info.resized_size, subset.random_crop, info.resize_interpolation, rng
-            )
-        else:
-            image = self._crop_without_bucket(image, info, rng)
-            original_size, crop_ltrb = (image.shape[1], image.shape[0]), (0, 0, 0, 0)
+        image, mask = split_alpha_mask(load_image(info.absolute_path, alpha=subset.alpha_mask))
+        if info.mask_path is not None:
+            mask = load_mask(info.mask_path)
+        rng_state = rng.getstate()
+        image, original_size, crop_ltrb = self._fit_to_bucket(image, info, rng)
+        if mask is not None:
+            # the mask is resized and cropped as the image: the same call, drawing the same crop offsets
+            mask_rng = random.Random()
+            mask_rng.setstate(rng_state)
+            mask = to_mask_float(self._fit_to_bucket(mask, info, mask_rng)[0])
         if subset.color_aug:
             image = color_aug(image, rng)
         if flipped:
             image = image[:, ::-1]
-        return to_chw_float(image), original_size, crop_ltrb
+            mask = None if mask is None else mask[:, ::-1]
+        return to_chw_float(image), mask, original_size, crop_ltrb
+
+    def _fit_to_bucket(self, image: np.ndarray, info: ImageInfo, rng: random.Random):
+        """(image, original_size, crop_ltrb): resized and cropped to the image's bucket, or only cropped
+        without bucketing (upstream's uncached path)."""
+        if self.enable_bucket:
+            return trim_and_resize_if_required(
+                image, info.bucket_reso, info.resized_size, info.subset.random_crop, info.resize_interpolation, rng
+            )
+        image = self._crop_without_bucket(image, info, rng)
+        return image, (image.shape[1], image.shape[0]), (0, 0, 0, 0)
 
     def _crop_without_bucket(self, image: np.ndarray, info: ImageInfo, rng: random.Random) -> np.ndarray:
         # Upstream does not resize here (only the latent cache does): a larger image needs
@@ -367,20 +436,27 @@ class DreamBoothDataset(BaseDataset):
                 logger.warning("%s: ignored, image_dir %s is already a subset of this dataset", blueprint.where, subset.image_dir)
                 continue
             paths, captions, sizes = self._load_folder(subset)
+            mask_paths = [None] * len(paths)
+            if subset.conditioning_data_dir is not None:
+                mask_paths = match_mask_images(paths, subset.conditioning_data_dir, blueprint.where)
+                check_mask_sizes(paths, sizes, mask_paths)
             if params.validation_split > 0:
                 if subset.is_reg:
                     kept = range(len(paths)) if is_training_dataset else []  # reg images are never validated
                 else:
                     kept = split_train_val(range(len(paths)), is_training_dataset, params.validation_split, params.validation_seed)
-                paths, captions, sizes = ([values[k] for k in kept] for values in (paths, captions, sizes))
+                paths, captions, sizes, mask_paths = (
+                    [values[k] for k in kept] for values in (paths, captions, sizes, mask_paths)
+                )
             if not paths:
                 logger.warning("%s: ignored, no images in %s", blueprint.where, subset.image_dir)
                 continue
             seen_dirs.add(subset.image_dir)
 
             caption_util.count_tags(captions, self.tag_frequency.setdefault(os.path.basename(subset.image_dir), {}))
-            for path, caption, size in zip(paths, captions, sizes):
-                info = ImageInfo(path, path, caption, num_repeats, subset.is_reg, subset, image_size=size)
+            for path, caption, size, mask_path in zip(paths, captions, sizes, mask_paths):
+                info = ImageInfo(path, path, caption, num_repeats, subset.is_reg, subset, image_size=size,
+                                 mask_path=mask_path)
                 if subset.is_reg:
                     reg_infos.append(info)
                 else:
@@ -443,6 +519,18 @@ class DreamBoothDataset(BaseDataset):
                 if count >= self.num_train_images:
                     break
             first_pass = False
+
+
+def check_mask_sizes(image_paths: List[str], sizes: List[Optional[Tuple[int, int]]], mask_paths: List[str]):
+    """Each mask has its image's size (it is resized and cropped with it); an error naming both otherwise."""
+    for path, size, mask_path in zip(image_paths, sizes, mask_paths):
+        size = size or get_image_size(path)
+        mask_size = get_image_size(mask_path)
+        if tuple(mask_size) != tuple(size):
+            raise BadImageError(
+                f"mask {mask_path} is {mask_size[0]}x{mask_size[1]}, its image {path} is {size[0]}x{size[1]}: "
+                "a mask must have its image's size"
+            )
 
 
 class FineTuningDataset(BaseDataset):
@@ -534,14 +622,17 @@ class DatasetGroup:
 
     `len(group)` is the number of batches per epoch; `group[i]` is batch i of the current epoch.
     Batches of all datasets are interleaved by a permutation seeded from seed + epoch (upstream's
-    DataLoader shuffle)."""
+    DataLoader shuffle). `with_masks`: batches end with the loss masks (masked loss)."""
 
-    def __init__(self, datasets: Sequence[BaseDataset], seed: int = 0, tokenize_strategy=None):
+    def __init__(self, datasets: Sequence[BaseDataset], seed: int = 0, tokenize_strategy=None, with_masks: bool = False):
         self.datasets = list(datasets)
         self.seed = seed
         self.tokenize_strategy = tokenize_strategy
+        self.with_masks = with_masks
         self.latents_cached = False
         self.text_encoder_outputs_cached = False
+        self.weighted_captions = False  # --weighted_captions: batches carry the token weights
+        self.num_text_encoders = 2  # SDXL's; SD 1.x/2.x's trainer sets 1 (one token-id field)
         self.current_epoch = 0
         for dataset in self.datasets:
             dataset.make_buckets()
@@ -559,7 +650,8 @@ class DatasetGroup:
     @property
     def batch_fields(self) -> Tuple[str, ...]:
         """Names of the fields of `group[i]`, in order."""
-        return batch_fields(self.latents_cached, self.text_encoder_outputs_cached)
+        return batch_fields(self.latents_cached, self.text_encoder_outputs_cached, self.with_masks,
+                            self.weighted_captions, self.num_text_encoders)
 
     def latent_shape(self, batch) -> Tuple[int, ...]:
         """(B, 4, h, w) of a batch's latents: the cached latents' shape, or the images' at 1/8."""
@@ -614,7 +706,8 @@ class DatasetGroup:
             raise IndexError(f"batch index {index} out of range (0..{len(self) - 1})")
         dataset_index, local_index = self._locate(index)
         return self.datasets[dataset_index].get_batch(
-            local_index, self.tokenize_strategy, self.latents_cached, self.text_encoder_outputs_cached
+            local_index, self.tokenize_strategy, self.latents_cached, self.text_encoder_outputs_cached, self.with_masks,
+            self.weighted_captions,
         )
 
     def __getitem__(self, index: int) -> Tuple[np.ndarray, ...]:
@@ -638,5 +731,6 @@ def debug_dataset(group: DatasetGroup, epochs: int = 1, max_batches: Optional[in
                     f"  {key}: loss weight {fields['loss_weights'][j]:g}, caption {details['caption'][j]!r}, "
                     f"original size {tuple(fields['original_sizes_hw'][j])}, crop top left {tuple(fields['crop_top_lefts'][j])}, "
                     f"target size {tuple(fields['target_sizes_hw'][j])}, flipped {details['flipped'][j]}"
+                    + (f", mask mean {fields['alpha_masks'][j].mean():.3f}" if "alpha_masks" in fields else "")
                 )
             step += 1

@@ -33,10 +33,12 @@ class ReusedCell(nn.Cell):
     no_inline = False
     # attributes that differ between instances without changing the computation (e.g. a LoRA module's name)
     graph_neutral_attributes = ()
+    # False: this instance is parsed on its own, as any cell (for a layout where MindSpore shares wrongly)
+    shares_graph = True
 
     @property
     def cell_init_args(self):
-        if not _share_repeated_blocks:
+        if not _share_repeated_blocks or not self.shares_graph:
             raise AttributeError("cell_init_args")  # MindSpore then parses the cell as any other
         return f"lazy_inline_{type(self).__name__}_{_graph_generation}_{structure_key(self)}"
 

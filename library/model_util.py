@@ -1,122 +1,264 @@
-"""State-dict conversions shared by the SD checkpoint formats: the VAE between LDM and diffusers layouts.
+"""SD 1.x / 2.x single-file checkpoints <-> MindSpore models, with upstream's function names.
 
-LDM (`first_stage_model.*` in a single-file checkpoint, prefix stripped here) and diffusers name the same
-tensors differently:
+A single-file (LDM layout) checkpoint holds three models under three prefixes:
 
-    LDM                                   diffusers
-    encoder.down.{i}.block.{j}.*          encoder.down_blocks.{i}.resnets.{j}.*
-    encoder.down.{i}.downsample.conv      encoder.down_blocks.{i}.downsamplers.0.conv
-    decoder.up.{i}.block.{j}.*            decoder.up_blocks.{n-1-i}.resnets.{j}.*     (levels reversed)
-    decoder.up.{i}.upsample.conv          decoder.up_blocks.{n-1-i}.upsamplers.0.conv
-    {en,de}coder.mid.block_{1,2}          {en,de}coder.mid_block.resnets.{0,1}
-    {en,de}coder.mid.attn_1.{norm,q,k,v,proj_out}
-                                          {en,de}coder.mid_block.attentions.0.{group_norm,to_q,to_k,to_v,to_out.0}
-    {en,de}coder.norm_out                 {en,de}coder.conv_norm_out
-    *.nin_shortcut                        *.conv_shortcut
+    model.diffusion_model.*          UNet, LDM names (diffusers names in the model: original_unet_conversion.py)
+    cond_stage_model.transformer.*   SD 1.x text encoder: CLIP-L, HF names (== ours); older files lack the
+                                     `text_model.` level (`cond_stage_model.transformer.encoder...`), as upstream
+                                     accepts
+    cond_stage_model.model.*         SD 2.x text encoder: OpenCLIP ViT-H text tower (openclip_conversion.py)
+    first_stage_model.*              VAE, LDM names (vae_conversion.py)
 
-LDM's attention projections are 1x1 convs ([C, C, 1, 1]); diffusers' are Linear ([C, C]).
-Conversions are strict: a key that no rule covers raises, naming it, rather than being dropped.
+SD 2.x: like upstream, the text encoder is built without OpenCLIP's last resblock (SD 2.x conditions on the
+penultimate layer, so the last layer of the model here is that one) and without `text_projection` /
+`logit_scale`; loading skips those keys. Saving takes them back from `ckpt_path`, or, without one, writes
+upstream's stand-ins (the last resblock a copy of the one before, a ones projection, logit_scale 1).
+
+Loading is strict and streams, as `sdxl_model_util.load_models_from_sdxl_checkpoint`: every key and shape is checked
+from the header first, against the model's state dict converted to the file's layout, so errors name the file's keys;
+then tensors are read one at a time (the VAE as one group), converted, cast and placed into models built without
+data. Keys under no model's prefix (EMA weights, schedule buffers) are ignored, with a log line.
+
+The architecture comes from the `config` argument, the checkpoint's `sdxl_ms.model_config` metadata
+(tools/make_tiny_checkpoint.py writes it), or configs/sd_v2.json / configs/sd_v1.json.
 """
 
-import re
-from typing import Dict, List, Tuple
+import json
+import logging
+import os
+from typing import Callable, NamedTuple
 
 import numpy as np
+from mindspore.nn.utils import no_init_parameters
 
-_RESNET_LEAVES = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2",
-                  "nin_shortcut": "conv_shortcut"}
-_ATTENTION_LEAVES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+from library.autoencoder_kl import AutoencoderKL
+from library.clip_text_model import CLIPTextModel
+from library.openclip_conversion import (convert_sdxl_text_encoder_2_checkpoint,
+                                         convert_text_encoder_2_state_dict_to_sdxl)
+from library.original_unet import UNet2DConditionModel
+from library.original_unet_conversion import convert_ldm_unet_checkpoint, convert_unet_state_dict_to_sd
+from library.sdxl_model_util import (CONFIG_METADATA_KEY, UNET_PREFIX, VAE_PREFIX, CheckpointError, CheckpointReader,
+                                     assign_parameter, check_shapes, load_model_config, state_dict_of,
+                                     write_safetensors)
+from library.vae_conversion import convert_ldm_vae_checkpoint, convert_vae_state_dict
 
-# (LDM block path, diffusers block path, leaf renames LDM -> diffusers). `{p}` is encoder/decoder, `{i}`/`{j}`
-# are indices, and `{r}` is the decoder level counted the other way (diffusers up_blocks[r] = LDM up[n-1-r]).
-_VAE_RULES: List[Tuple[str, str, Dict[str, str]]] = [
-    ("encoder.down.{i}.block.{j}", "encoder.down_blocks.{i}.resnets.{j}", _RESNET_LEAVES),
-    ("encoder.down.{i}.downsample", "encoder.down_blocks.{i}.downsamplers.0", {"conv": "conv"}),
-    ("decoder.up.{i}.block.{j}", "decoder.up_blocks.{r}.resnets.{j}", _RESNET_LEAVES),
-    ("decoder.up.{i}.upsample", "decoder.up_blocks.{r}.upsamplers.0", {"conv": "conv"}),
-    ("{p}.mid.block_1", "{p}.mid_block.resnets.0", _RESNET_LEAVES),
-    ("{p}.mid.block_2", "{p}.mid_block.resnets.1", _RESNET_LEAVES),
-    ("{p}.mid.attn_1", "{p}.mid_block.attentions.0", _ATTENTION_LEAVES),
-    ("{p}", "{p}", {"conv_in": "conv_in", "conv_out": "conv_out", "norm_out": "conv_norm_out"}),
-    ("", "", {"quant_conv": "quant_conv", "post_quant_conv": "post_quant_conv"}),
-]
+logger = logging.getLogger(__name__)
 
-_FIELD_PATTERNS = {"p": r"(?P<p>encoder|decoder)", "i": r"(?P<i>\d+)", "j": r"(?P<j>\d+)", "r": r"(?P<r>\d+)"}
+TE_V1_PREFIX = "cond_stage_model.transformer."
+TE_V2_PREFIX = "cond_stage_model.model."
+SDXL_TE_PREFIX = "conditioner.embedders."  # only to recognise an SDXL file in an error message
 
-
-def _rule_regex(block_path: str, leaves) -> "re.Pattern":
-    pattern = re.escape(block_path)
-    for field, group in _FIELD_PATTERNS.items():
-        pattern = pattern.replace(re.escape("{" + field + "}"), group)
-    leaf = "|".join(re.escape(name) for name in leaves)
-    prefix = pattern + r"\." if block_path else ""
-    return re.compile(prefix + rf"(?P<leaf>{leaf})\.(?P<param>weight|bias)")
+# the older CLIP-L layout of SD 1.x files (transformers < 4.x), renamed to today's on load as upstream does
+_TE_V1_OLD_LAYOUT = ("embeddings.", "encoder.", "final_layer_norm.")
+_TE_V1_IGNORED = ("text_model.embeddings.position_ids",)  # a buffer some savers include
 
 
-def _compile_rules(to_diffusers: bool):
-    compiled = []
-    for ldm_path, diffusers_path, leaves in _VAE_RULES:
-        is_attention = leaves is _ATTENTION_LEAVES
-        if to_diffusers:
-            compiled.append((_rule_regex(ldm_path, leaves), diffusers_path, leaves, is_attention))
-        else:
-            inverse = {v: k for k, v in leaves.items()}
-            compiled.append((_rule_regex(diffusers_path, inverse), ldm_path, inverse, is_attention))
-    return compiled
+def build_sd_models(config: dict, allocate: bool = True):
+    """(text_encoder, vae, unet) from an SD config dict (configs/sd_v1.json, ...); `allocate=False` builds without
+    weights."""
+
+    def build():
+        return (CLIPTextModel(**config["text_encoder"]), AutoencoderKL(**config["vae"]),
+                UNet2DConditionModel.from_config(config["unet"]))
+
+    if allocate:
+        models = build()
+    else:
+        with no_init_parameters():
+            models = build()
+    # unique parameter names across the models, as sdxl_model_util.build_models (state-dict keys are unaffected)
+    for tag, model in zip(("text_encoder.", "vae.", "unet."), models):
+        for name, param in model.parameters_and_names():
+            param.name = tag + name
+    return models
 
 
-_LDM_TO_DIFFUSERS = _compile_rules(to_diffusers=True)
-_DIFFUSERS_TO_LDM = _compile_rules(to_diffusers=False)
+def _te_v1_name(name: str) -> str:
+    return "text_model." + name if name.startswith(_TE_V1_OLD_LAYOUT) else name
 
 
-def _num_decoder_levels(keys, level_pattern: str) -> int:
-    levels = {int(m.group(1)) for m in map(re.compile(level_pattern).match, keys) if m}
-    return max(levels) + 1 if levels else 0
+def _te_v2_skipped(num_hidden_layers: int):
+    """OpenCLIP keys (after the prefix) that the truncated SD 2.x text encoder has no parameter for."""
+    last_block = f"transformer.resblocks.{num_hidden_layers}."
+
+    def skipped(name):
+        return (name.startswith(last_block) or name in ("text_projection", "logit_scale")
+                or name.endswith("position_ids"))
+
+    return skipped
 
 
-def _convert_vae(state_dict: Dict[str, np.ndarray], rules, num_levels: int, to_diffusers: bool):
-    converted, unknown = {}, []
-    for key, value in state_dict.items():
-        for regex, target_path, leaves, is_attention in rules:
-            match = regex.fullmatch(key)
-            if match:
-                break
-        else:
-            unknown.append(key)
-            continue
-        fields = {k: v for k, v in match.groupdict().items() if v is not None and k in _FIELD_PATTERNS}
-        # the level index is mirrored the same way in both directions
-        if "i" in fields:
-            fields["r"] = str(num_levels - 1 - int(fields["i"]))
-        elif "r" in fields:
-            fields["i"] = str(num_levels - 1 - int(fields["r"]))
-        leaf = leaves[match.group("leaf")]
-        new_key = ".".join(part for part in (target_path.format(**fields), leaf, match.group("param")) if part)
-        if is_attention:
-            value = _reshape_attention_weight(value, to_diffusers)
-        converted[new_key] = value
-    if unknown:
-        layout = "LDM" if to_diffusers else "diffusers"
-        raise ValueError(f"unknown {layout} VAE keys ({len(unknown)}): {', '.join(sorted(unknown))}")
-    return converted
+def convert_text_encoder_state_dict_to_sd_v2(hf_state_dict: dict, make_dummy_weights: bool = False) -> dict:
+    """HF-layout SD 2.x text encoder state dict -> OpenCLIP keys (without `cond_stage_model.model.`).
+
+    `make_dummy_weights` adds what the truncated model lacks, as upstream does when there is no source checkpoint:
+    the last resblock as a copy of the one before, `text_projection` of ones and `logit_scale` 1.
+    """
+    openclip = convert_text_encoder_2_state_dict_to_sdxl(hf_state_dict)
+    if make_dummy_weights:
+        last = max(int(key.split(".")[2]) for key in openclip if key.startswith("transformer.resblocks."))
+        source, copy = f"transformer.resblocks.{last}.", f"transformer.resblocks.{last + 1}."
+        for key in [k for k in openclip if k.startswith(source)]:
+            openclip[copy + key[len(source):]] = np.array(openclip[key])
+        width, dtype = openclip["ln_final.weight"].shape[0], openclip["ln_final.weight"].dtype
+        openclip["text_projection"] = np.ones((width, width), dtype)
+        openclip["logit_scale"] = np.array(1.0, dtype)
+    return openclip
 
 
-def _reshape_attention_weight(value: np.ndarray, to_diffusers: bool) -> np.ndarray:
-    """1x1 conv [C, C, 1, 1] (LDM) <-> Linear [C, C] (diffusers); biases pass through."""
-    if to_diffusers and value.ndim == 4:
-        return value[:, :, 0, 0]
-    if not to_diffusers and value.ndim == 2:
-        return value[:, :, None, None]
-    return value
+def _keep_name(name: str) -> str:
+    return name
 
 
-def convert_ldm_vae_checkpoint(ldm_state_dict: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    """LDM VAE state dict (the `first_stage_model.` prefix already stripped) -> diffusers AutoencoderKL keys."""
-    num_levels = _num_decoder_levels(ldm_state_dict, r"decoder\.up\.(\d+)\.")
-    return _convert_vae(ldm_state_dict, _LDM_TO_DIFFUSERS, num_levels, to_diffusers=True)
+def _skip_none(name: str) -> bool:
+    return False
 
 
-def convert_vae_state_dict(diffusers_state_dict: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    """diffusers AutoencoderKL state dict -> LDM VAE keys (without the `first_stage_model.` prefix)."""
-    num_levels = _num_decoder_levels(diffusers_state_dict, r"decoder\.up_blocks\.(\d+)\.")
-    return _convert_vae(diffusers_state_dict, _DIFFUSERS_TO_LDM, num_levels, to_diffusers=False)
+class _Section(NamedTuple):
+    """One model's part of the checkpoint."""
+
+    what: str
+    model: object
+    prefix: str
+    to_model: Callable  # {name in the file's layout: array} -> {model parameter name: array}
+    to_file: Callable  # the inverse
+    normalise: Callable = _keep_name  # file key after the prefix -> its name in today's file layout
+    skipped: Callable = _skip_none  # names the model has no parameter for
+    whole: bool = False  # the conversion needs all the section's tensors at once
+
+
+def _sections(v2: bool, text_encoder, vae, unet, make_dummy_weights: bool = False):
+    config = unet.config
+    if v2:
+        te = _Section("text encoder", text_encoder, TE_V2_PREFIX,
+                      lambda sd: convert_sdxl_text_encoder_2_checkpoint(sd)[0],
+                      lambda sd: convert_text_encoder_state_dict_to_sd_v2(sd, make_dummy_weights),
+                      skipped=_te_v2_skipped(len(text_encoder.text_model.encoder.layers)))
+    else:
+        te = _Section("text encoder", text_encoder, TE_V1_PREFIX, dict, dict, normalise=_te_v1_name,
+                      skipped=lambda name: name in _TE_V1_IGNORED)
+    return [
+        _Section("UNet", unet, UNET_PREFIX, lambda sd: convert_ldm_unet_checkpoint(v2, sd, config),
+                 lambda sd: convert_unet_state_dict_to_sd(v2, sd, config)),
+        te,
+        _Section("VAE", vae, VAE_PREFIX, convert_ldm_vae_checkpoint, convert_vae_state_dict, whole=True),
+    ]
+
+
+def _missing_section_error(path: str, v2: bool, prefix: str, keys) -> CheckpointError:
+    hint = "is this a single-file SD 1.x / 2.x checkpoint?"
+    if any(k.startswith(SDXL_TE_PREFIX) for k in keys):
+        hint = "it is an SDXL checkpoint (use the sdxl_* scripts)"
+    elif v2 and any(k.startswith(TE_V1_PREFIX) for k in keys):
+        hint = f"it has an SD 1.x text encoder ('{TE_V1_PREFIX}*'): drop --v2"
+    elif not v2 and any(k.startswith(TE_V2_PREFIX) for k in keys):
+        hint = f"it has an SD 2.x text encoder ('{TE_V2_PREFIX}*'): add --v2"
+    return CheckpointError(f"{path}: no '{prefix}*' keys; {hint}")
+
+
+def _shape_stub(shape) -> np.ndarray:
+    """A zero-stride array of `shape`: the conversions rename, split and reshape it without any data."""
+    return np.broadcast_to(np.zeros((), np.float16), shape)
+
+
+def load_models_from_stable_diffusion_checkpoint(v2: bool, ckpt_path: str, dtype=None, config: dict = None):
+    """(text_encoder, vae, unet) from a single-file SD 1.x (`v2` False) or 2.x `.safetensors` checkpoint.
+
+    `dtype` (a mindspore dtype) casts every weight; None keeps fp32. `config`: the architecture (see above).
+    """
+    reader = CheckpointReader(ckpt_path)
+    if config is None:
+        metadata = reader.metadata
+        config = json.loads(metadata[CONFIG_METADATA_KEY]) if CONFIG_METADATA_KEY in metadata \
+            else load_model_config("sd_v2" if v2 else "sd_v1")
+    if "v2" in config and config["v2"] != v2:
+        family = "2.x" if config["v2"] else "1.x"
+        raise CheckpointError(f"{ckpt_path}: the model config '{config.get('name')}' is SD {family}, but "
+                              f"{'--v2 was' if v2 else 'no --v2 was'} given")
+    models = build_sd_models(config, allocate=False)
+    sections = _sections(v2, *models)
+
+    # per section {name in the file's layout: file key}, checked against the models before any tensor is read
+    section_keys = [{} for _ in sections]
+    claimed = set()
+    for section, keys in zip(sections, section_keys):
+        for key in reader.keys:
+            if key.startswith(section.prefix):
+                claimed.add(key)
+                name = section.normalise(key[len(section.prefix):])
+                if not section.skipped(name):
+                    keys[name] = key
+    for section, keys in zip(sections, section_keys):
+        if not keys:
+            raise _missing_section_error(ckpt_path, v2, section.prefix, reader.keys)
+    for section, keys in zip(sections, section_keys):
+        stubs = {name: _shape_stub(param.shape) for name, param in section.model.parameters_and_names()}
+        expected = {section.prefix + name: value.shape for name, value in section.to_file(stubs).items()}
+        found = {section.prefix + name: reader.shape(key) for name, key in keys.items()}
+        check_shapes(expected, found, f"{ckpt_path} ({section.what}, '{section.prefix}*')")
+    other = sorted(set(reader.keys) - claimed)
+    if other:
+        logger.info("%s: ignoring %d keys that belong to no SD model: %s", ckpt_path, len(other), ", ".join(other[:10]))
+
+    for section, keys in zip(sections, section_keys):
+        params = dict(section.model.parameters_and_names())
+        groups = [keys] if section.whole else [{name: key} for name, key in keys.items()]
+        for group in groups:
+            for name, value in section.to_model({name: reader.get(key) for name, key in group.items()}).items():
+                assign_parameter(params[name], value, dtype)
+    return models
+
+
+def load_sd_models(path: str, v2: bool, flag: str, dtype=None):
+    """(text_encoder, vae, unet) from a single-file SD 1.x / 2.x checkpoint or a diffusers model folder; `flag`
+    names the option in errors."""
+    from library import diffusers_loading  # it builds its models with this module
+
+    if os.path.isdir(path):
+        if not diffusers_loading.is_diffusers_folder(path):
+            raise ValueError(f"{flag} {path}: a folder without {diffusers_loading.MODEL_INDEX}, so not a diffusers "
+                             "model folder")
+        return diffusers_loading.load_sd_models_from_diffusers_folder(path, v2, dtype)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag}: file not found: {path} (hub ids need network access)")
+    return load_models_from_stable_diffusion_checkpoint(v2, path, dtype)
+
+
+def sd_state_dict(v2: bool, text_encoder, unet, vae=None, dtype=None, make_dummy_weights: bool = False) -> dict:
+    """The single-file checkpoint state dict (numpy) of the models, with prefixes; `dtype` (numpy) casts tensor by
+    tensor. Without `vae`, no `first_stage_model.*` keys; `make_dummy_weights`: see
+    convert_text_encoder_state_dict_to_sd_v2."""
+    state_dict = {}
+    for section in _sections(v2, text_encoder, vae, unet, make_dummy_weights):
+        if section.model is not None:
+            converted = section.to_file(state_dict_of(section.model, dtype))
+            state_dict.update({section.prefix + name: value for name, value in converted.items()})
+    return state_dict
+
+
+def save_stable_diffusion_checkpoint(v2: bool, output_file, text_encoder, unet, ckpt_path, epochs, steps,
+                                     metadata=None, save_dtype=None, vae=None) -> int:
+    """Write the models as one LDM-layout `.safetensors` file (temporary name, then rename); returns the key count.
+
+    As upstream: the tensors of `ckpt_path` that the models do not replace (the VAE when `vae` is None, SD 2.x's
+    last resblock and projection, EMA weights, ...) are copied over unchanged; without `ckpt_path`, `vae` is required.
+    `epochs` / `steps` are not stored (a .safetensors file has no place for them; upstream writes them to .ckpt only).
+    `save_dtype` is a numpy dtype cast tensor by tensor; None keeps the weights' dtype.
+    """
+    output_file = str(output_file)
+    if not output_file.endswith(".safetensors"):
+        raise ValueError(f"{output_file}: only .safetensors checkpoints are written")
+    if ckpt_path is None and vae is None:
+        raise ValueError("save_stable_diffusion_checkpoint: pass vae (there is no ckpt_path to take the VAE from)")
+    state_dict = sd_state_dict(v2, text_encoder, unet, vae, save_dtype, make_dummy_weights=ckpt_path is None)
+    metadata = dict(metadata or {})
+    if ckpt_path is not None:
+        reader = CheckpointReader(ckpt_path)
+        for key in reader.keys:
+            current = TE_V1_PREFIX + _te_v1_name(key[len(TE_V1_PREFIX):]) if key.startswith(TE_V1_PREFIX) else key
+            if current not in state_dict:
+                state_dict[current] = reader.get(key)
+        if CONFIG_METADATA_KEY in reader.metadata:  # the architecture travels with the weights
+            metadata.setdefault(CONFIG_METADATA_KEY, reader.metadata[CONFIG_METADATA_KEY])
+    write_safetensors(output_file, state_dict, metadata or None)
+    return len(state_dict)

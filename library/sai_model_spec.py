@@ -1,7 +1,9 @@
-"""ModelSpec 1.0.1 metadata (`modelspec.*` keys) for SDXL LoRA and checkpoint files, as upstream writes it.
+"""ModelSpec 1.0.1 metadata (`modelspec.*` keys) for SD 1.x/2.x and SDXL LoRA and checkpoint files, as upstream
+writes it.
 
 See https://github.com/Stability-AI/ModelSpec. Upstream's `sai_model_spec.build_metadata` covers many
-model families; this port writes the SDXL ones. `modelspec.hash_sha256` is not written (upstream
+model families; this port writes the SD 1.x/2.x and SDXL ones. As upstream, an SD 1.x/2.x LoRA names diffusers as
+its implementation (its module names are diffusers'), an SDXL LoRA or any checkpoint Stability's generative-models. `modelspec.hash_sha256` is not written (upstream
 leaves it as a TODO too). `modelspec.implementation_version` names this project and its git commit
 instead of "sd-scripts/<commit>", so a file says which trainer produced it.
 """
@@ -18,8 +20,12 @@ import time
 logger = logging.getLogger(__name__)
 
 SPEC_VERSION = "1.0.1"
+ARCH_SD_V1 = "stable-diffusion-v1"
+ARCH_SD_V2_512 = "stable-diffusion-v2-512"
+ARCH_SD_V2_768_V = "stable-diffusion-v2-768-v"
 ARCH_SD_XL_V1_BASE = "stable-diffusion-xl-v1-base"
 IMPL_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
+IMPL_DIFFUSERS = "diffusers"
 PROJECT_NAME = "sdxl-lora-mindspore"
 
 # --metadata_<name> flags beyond title/author/description/license/tags; written as modelspec.<name>
@@ -43,10 +49,19 @@ def file_to_data_url(path):
         return f"data:{mime_type};base64,{base64.b64encode(f.read()).decode('ascii')}"
 
 
-def _resolution(reso):
-    # "1024,768", 1024, (1024,) or (1024, 768) -> "WxH"; SDXL defaults to 1024x1024
+def architecture(v2: bool, v_parameterization: bool, sdxl: bool) -> str:
+    """Upstream's `determine_architecture` for SD 1.x/2.x and SDXL (without the adapter suffix)."""
+    if sdxl:
+        return ARCH_SD_XL_V1_BASE
+    if v2:
+        return ARCH_SD_V2_768_V if v_parameterization else ARCH_SD_V2_512
+    return ARCH_SD_V1
+
+
+def _resolution(reso, default: int):
+    # "1024,768", 1024, (1024,) or (1024, 768) -> "WxH"; without one, the family's default square
     if reso is None:
-        return "1024x1024"
+        return f"{default}x{default}"
     if isinstance(reso, str):
         reso = tuple(int(r) for r in reso.split(","))
     if isinstance(reso, int):
@@ -59,6 +74,8 @@ def _resolution(reso):
 def build_metadata(
     *,
     v_parameterization,
+    v2=False,
+    sdxl=True,
     timestamp,
     lora=True,
     title=None,
@@ -72,8 +89,9 @@ def build_metadata(
     clip_skip=None,
     optional_metadata=None,
 ):
-    """modelspec.* dict (all values str) for an SDXL LoRA (lora=True) or SDXL checkpoint.
+    """modelspec.* dict (all values str) for a LoRA (lora=True) or checkpoint of SDXL (`sdxl`) or SD 1.x/2.x (`v2`).
 
+    The resolution defaults to upstream's: 1024 for SDXL, 768 for SD2 with v-parameterization, else 512.
     timestamp: seconds since the epoch (the title fallback "LoRA@<timestamp>" and the local ISO date).
     timesteps: (min, max) when --min_timestep/--max_timestep was given. optional_metadata: extra
     fields (e.g. usage_hint, trigger_phrase); a thumbnail that is a file path becomes a data: URL.
@@ -81,10 +99,10 @@ def build_metadata(
     if title is None:
         title = f"{'LoRA' if lora else 'Checkpoint'}@{timestamp}"
     metadata = {
-        "modelspec.architecture": ARCH_SD_XL_V1_BASE + ("/lora" if lora else ""),
-        "modelspec.implementation": IMPL_STABILITY_AI,
+        "modelspec.architecture": architecture(v2, v_parameterization, sdxl) + ("/lora" if lora else ""),
+        "modelspec.implementation": IMPL_DIFFUSERS if lora and not sdxl else IMPL_STABILITY_AI,
         "modelspec.title": title,
-        "modelspec.resolution": _resolution(reso),
+        "modelspec.resolution": _resolution(reso, 1024 if sdxl else 768 if v2 and v_parameterization else 512),
         "modelspec.sai_model_spec": SPEC_VERSION,
         "modelspec.description": description,
         "modelspec.author": author,
@@ -111,14 +129,17 @@ def build_metadata(
     return {key: str(value) for key, value in metadata.items() if value is not None}
 
 
-def get_sai_model_spec(args, lora=True, timestamp=None):
-    """build_metadata from the parsed args, as upstream's `train_util.get_sai_model_spec(..., sdxl=True)`."""
+def get_sai_model_spec(args, lora=True, timestamp=None, sdxl=True):
+    """build_metadata from the parsed args, as upstream's `train_util.get_sai_model_spec` (SD 1.x/2.x: sdxl=False,
+    then `--v2` and `--v_parameterization` choose the architecture)."""
     timesteps = None
     if args.min_timestep is not None or args.max_timestep is not None:
         timesteps = (args.min_timestep or 0, 1000 if args.max_timestep is None else args.max_timestep)
     optional = {name: getattr(args, f"metadata_{name}", None) for name in OPTIONAL_FIELDS}
     return build_metadata(
         v_parameterization=args.v_parameterization,
+        v2=not sdxl and args.v2,
+        sdxl=sdxl,
         timestamp=time.time() if timestamp is None else timestamp,
         lora=lora,
         title=args.metadata_title if args.metadata_title is not None else args.output_name,

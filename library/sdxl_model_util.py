@@ -33,7 +33,7 @@ from safetensors.numpy import save_file
 
 from library.autoencoder_kl import AutoencoderKL
 from library.clip_text_model import CLIPTextModel, CLIPTextModelWithProjection
-from library.model_util import convert_ldm_vae_checkpoint, convert_vae_state_dict
+from library.vae_conversion import convert_ldm_vae_checkpoint, convert_vae_state_dict
 from library.openclip_conversion import convert_sdxl_text_encoder_2_checkpoint, convert_text_encoder_2_state_dict_to_sdxl
 from library.sdxl_original_unet import SdxlUNet2DConditionModel
 
@@ -159,9 +159,13 @@ class CheckpointReader:
 def check_state_dict_shapes(cell, shapes: dict, what: str):
     """Strict check of {name: shape} against the cell's parameters: an error names every missing and unexpected
     key, or the first mis-shaped one."""
-    params = dict(cell.parameters_and_names())
-    missing = sorted(set(params) - set(shapes))
-    unexpected = sorted(set(shapes) - set(params))
+    check_shapes({name: tuple(param.shape) for name, param in cell.parameters_and_names()}, shapes, what)
+
+
+def check_shapes(expected: dict, shapes: dict, what: str):
+    """Strict check of {name: shape} against {name: expected shape}, as check_state_dict_shapes."""
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:
         lines = [f"{what}: checkpoint does not match the model"]
         if missing:
@@ -169,10 +173,10 @@ def check_state_dict_shapes(cell, shapes: dict, what: str):
         if unexpected:
             lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
         raise CheckpointError("\n".join(lines))
-    for name, param in params.items():
-        if tuple(shapes[name]) != tuple(param.shape):
+    for name, shape in expected.items():
+        if tuple(shapes[name]) != tuple(shape):
             raise CheckpointError(
-                f"{what}: shape mismatch for '{name}': checkpoint {tuple(shapes[name])}, model {tuple(param.shape)}"
+                f"{what}: shape mismatch for '{name}': checkpoint {tuple(shapes[name])}, model {tuple(shape)}"
             )
 
 

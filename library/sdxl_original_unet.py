@@ -53,6 +53,18 @@ def timestep_embedding(timesteps, dim: int, max_period: int = 10000):
     return embedding
 
 
+def use_flash_attention_in(model: nn.Cell, enabled: bool) -> bool:
+    """Switch every CrossAttention of `model` to Ascend's flash attention (where the device has it)."""
+    if enabled and ms.get_context("device_target") != "Ascend":
+        logger.warning("flash attention needs an Ascend device (target is %s); using standard attention",
+                       ms.get_context("device_target"))
+        enabled = False
+    for _, cell in model.cells_and_names():
+        if isinstance(cell, CrossAttention):
+            cell.use_flash_attention = enabled
+    return enabled
+
+
 class CrossAttention(nn.Cell):
     """Multi-head attention; self-attention when `context_dim` is None. Only the output projection has a bias."""
 
@@ -91,7 +103,9 @@ class GEGLU(nn.Cell):
 
     def construct(self, x):
         value, gate = ops.chunk(self.proj(x), 2, axis=-1)
-        return value * ops.gelu(gate, approximate="none")
+        # exact gelu written out: ops.gelu(approximate="none") held ~11x its input in a CPU train step (measured,
+        # MindSpore 2.10), this form ~3x
+        return value * (gate * 0.5 * (ops.erf(gate * 0.7071067811865476) + 1.0))
 
 
 class FeedForward(nn.Cell):
@@ -124,25 +138,48 @@ class BasicTransformerBlock(graph_reuse.ReusedCell):
 
 
 class Transformer2DModel(graph_reuse.ReusedCell):
-    """SGM's SpatialTransformer with linear projections: (B, C, H, W) -> tokens -> blocks -> (B, C, H, W) + input."""
+    """SGM's SpatialTransformer: (B, C, H, W) -> tokens -> blocks -> (B, C, H, W) + input.
 
-    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, num_groups: int = 32):
+    Projections are Linear on the tokens (SDXL, SD 2.x) or, with `use_linear_projection=False`, 1x1 convs on the
+    feature map (SD 1.x); the two compute the same map with the weight stored as [C, C] or [C, C, 1, 1].
+    """
+
+    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, num_groups: int = 32,
+                 use_linear_projection: bool = True):
         super().__init__()
         inner_dim = heads * dim_head
+        if inner_dim != channels:
+            raise ValueError(f"Transformer2DModel: heads x dim_head ({heads} x {dim_head}) must equal the {channels} "
+                             "channels")
+        self.use_linear_projection = use_linear_projection
+        projection = layers.dense if use_linear_projection else lambda cin, cout: layers.conv2d(cin, cout, 1)
         self.norm = layers.GroupNorm(num_groups, channels, eps=1e-6)
-        self.proj_in = layers.dense(channels, inner_dim)
+        self.proj_in = projection(channels, inner_dim)
         self.transformer_blocks = nn.CellList(
             [BasicTransformerBlock(inner_dim, heads, dim_head, context_dim) for _ in range(depth)])
-        self.proj_out = layers.dense(inner_dim, channels)
+        self.proj_out = projection(inner_dim, channels)
+        if not use_linear_projection:
+            # with 1x1-conv projections, MindSpore 2.10 ran a block's shared graph with another block's weights
+            # (tiny SD 1.x UNet, graph mode 0.4 off PyNative; tests/test_original_unet.py): parse each on its own
+            for block in self.transformer_blocks:
+                block.shares_graph = False
 
     def construct(self, x, context):
         b, c, h, w = x.shape
-        hidden = self.norm(x).transpose(0, 2, 3, 1).reshape(b, h * w, c)
-        hidden = self.proj_in(hidden)
+        hidden = self.norm(x)
+        if not self.use_linear_projection:
+            hidden = self.proj_in(hidden)
+        hidden = hidden.transpose(0, 2, 3, 1).reshape(b, h * w, c)
+        if self.use_linear_projection:
+            hidden = self.proj_in(hidden)
         for block in self.transformer_blocks:
             hidden = block(hidden, context)
-        hidden = self.proj_out(hidden)
-        return hidden.reshape(b, h, w, c).transpose(0, 3, 1, 2) + x
+        if self.use_linear_projection:
+            hidden = self.proj_out(hidden)
+        hidden = hidden.reshape(b, h, w, c).transpose(0, 3, 1, 2)
+        if not self.use_linear_projection:
+            hidden = self.proj_out(hidden)
+        return hidden + x
 
 
 class ResnetBlock2D(graph_reuse.ReusedCell):
@@ -164,7 +201,9 @@ class ResnetBlock2D(graph_reuse.ReusedCell):
 
     def construct(self, x, emb):
         h = self.in_layers(x)
-        h = h + self.emb_layers(emb).astype(h.dtype)[:, :, None, None]
+        # broadcast explicitly: an Add of differently shaped operands keeps 4x its output in index arrays on
+        # MindSpore 2.10's CPU (library/layers.py GroupNorm)
+        h = h + ops.broadcast_to(self.emb_layers(emb).astype(h.dtype)[:, :, None, None], h.shape)
         h = self.out_layers(h)
         return self.skip_connection(x) + h
 
@@ -184,10 +223,7 @@ class Upsample2D(nn.Cell):
         self.conv = layers.conv2d(channels, channels, 3, padding=1)
 
     def construct(self, x):
-        # nearest-neighbour x2 as a broadcast: exact, differentiable and free of backend-specific resize kernels
-        b, c, h, w = x.shape
-        x = ops.broadcast_to(x.reshape(b, c, h, 1, w, 1), (b, c, h, 2, w, 2)).reshape(b, c, h * 2, w * 2)
-        return self.conv(x)
+        return self.conv(layers.upsample_nearest_2x(x))
 
 
 class TimestepEmbedSequential(nn.SequentialCell):
@@ -299,14 +335,7 @@ class SdxlUNet2DConditionModel(graph_reuse.GraphEntry):
         Only Ascend has the kernel: elsewhere a request is logged and the portable attention stays. Call it before
         the first forward: a compiled graph keeps the path it was traced with.
         """
-        if enabled and ms.get_context("device_target") != "Ascend":
-            logger.warning("flash attention needs an Ascend device (target is %s); using standard attention",
-                           ms.get_context("device_target"))
-            enabled = False
-        for _, cell in self.cells_and_names():
-            if isinstance(cell, CrossAttention):
-                cell.use_flash_attention = enabled
-        return enabled
+        return use_flash_attention_in(self, enabled)
 
     def construct(self, x, timesteps, context, y):
         timesteps = ops.broadcast_to(timesteps.reshape(-1), (x.shape[0],))

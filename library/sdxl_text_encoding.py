@@ -57,6 +57,21 @@ def encode_tokens_sdxl(te1, te2, ids1, ids2):
     return hidden1, hidden2, pool2
 
 
+def apply_token_weights(hidden_states, weights):
+    """`--weighted_captions`: hidden states (B, L, C) times the per-token weights (B, n, 77), glued like the
+    hidden states (BOS and last position weigh 1.0). As upstream: no rescaling to the original mean."""
+    batch_size, n_windows, window = weights.shape
+    weights = merge_windows(weights.reshape(batch_size * n_windows, window, 1), batch_size, n_windows)
+    return (hidden_states * weights).astype(hidden_states.dtype)
+
+
+def encode_tokens_with_weights_sdxl(te1, te2, ids1, ids2, weights1, weights2):
+    """`encode_tokens_sdxl` with each encoder's hidden states weighted per token; pool2 is not weighted (upstream's
+    `encode_tokens_with_weights`)."""
+    hidden1, hidden2, pool2 = encode_tokens_sdxl(te1, te2, ids1, ids2)
+    return apply_token_weights(hidden1, weights1), apply_token_weights(hidden2, weights2), pool2
+
+
 class SdxlTextEncoders(nn.Cell):
     """Both text encoders as one cell: construct(ids1, ids2) -> (hidden_state1, hidden_state2, pool2)."""
 

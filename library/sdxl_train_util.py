@@ -5,7 +5,7 @@ import os
 
 from mindspore import ops
 
-from library import sdxl_model_util
+from library import diffusers_loading, sdxl_model_util
 from library.sdxl_original_unet import timestep_embedding
 
 logger = logging.getLogger(__name__)
@@ -52,23 +52,34 @@ def load_target_model(args, model_dtype=None):
     """(text_encoder1, text_encoder2, vae, unet, logit_scale) from `--pretrained_model_name_or_path` (+ `--vae`)."""
     path = args.pretrained_model_name_or_path
     if path is None:
-        raise ValueError("--pretrained_model_name_or_path is required (a single-file SDXL .safetensors checkpoint)")
-    if os.path.isdir(path):
-        raise ValueError(
-            f"--pretrained_model_name_or_path {path}: diffusers-format model directories are not supported yet; "
-            "pass a single-file SDXL .safetensors checkpoint"
-        )
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--pretrained_model_name_or_path: file not found: {path} (hub ids need network access)")
-    te1, te2, vae, unet, logit_scale, _ = sdxl_model_util.load_models_from_sdxl_checkpoint(path, dtype=model_dtype)
+        raise ValueError("--pretrained_model_name_or_path is required (a single-file SDXL .safetensors checkpoint or "
+                         "a diffusers model folder)")
+    te1, te2, vae, unet, logit_scale, _ = load_sdxl_models(path, "--pretrained_model_name_or_path", model_dtype)
     if getattr(args, "vae", None):
         vae = load_vae(args.vae, vae)
     return te1, te2, vae, unet, logit_scale
 
 
+def load_sdxl_models(path: str, flag: str, dtype=None):
+    """(text_encoder1, text_encoder2, vae, unet, logit_scale, ckpt_info) from a single-file SDXL checkpoint or a
+    diffusers model folder; `flag` names the option in errors."""
+    if os.path.isdir(path):
+        if not diffusers_loading.is_diffusers_folder(path):
+            raise ValueError(f"{flag} {path}: a folder without {diffusers_loading.MODEL_INDEX}, so not a diffusers "
+                             "model folder")
+        return diffusers_loading.load_models_from_diffusers_folder(path, dtype)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag}: file not found: {path} (hub ids need network access)")
+    return sdxl_model_util.load_models_from_sdxl_checkpoint(path, dtype=dtype)
+
+
 def load_vae(path: str, vae):
-    """Replace the VAE weights from `--vae`: a single-file SDXL checkpoint or a VAE-only LDM/diffusers file."""
-    from library.model_util import convert_ldm_vae_checkpoint
+    """Replace the VAE weights from `--vae`: a single-file SDXL checkpoint, a VAE-only LDM/diffusers file, or a
+    diffusers VAE folder (or a pipeline folder's vae/)."""
+    from library.vae_conversion import convert_ldm_vae_checkpoint
+
+    if os.path.isdir(path):
+        return diffusers_loading.load_vae_from_diffusers_folder(path, vae)
 
     tensors, _ = sdxl_model_util.read_safetensors(path)
     if any(k.startswith(sdxl_model_util.VAE_PREFIX) for k in tensors):

@@ -77,7 +77,7 @@ def add_dataset_arguments(
     parser.add_argument(
         "--max_bucket_reso", type=int, default=1024, help="maximum resolution for buckets, must be divisible by bucket_reso_steps"
     )
-    parser.add_argument("--bucket_reso_steps", type=int, default=64, help="steps of resolution for buckets (SDXL: divisible by 32)")
+    parser.add_argument("--bucket_reso_steps", type=int, default=64, help="steps of resolution for buckets (SD: divisible by 64, SDXL: by 32)")
     parser.add_argument("--bucket_no_upscale", action="store_true", help="make bucket for each image without upscaling")
     parser.add_argument(
         "--resize_interpolation",
@@ -93,7 +93,7 @@ def add_dataset_arguments(
         default=0,
         help="tag length reaches maximum on N steps (or N*max_train_steps if N<1); 0 = from the start",
     )
-    parser.add_argument("--alpha_mask", action="store_true", help="use alpha channel as loss mask; not supported by this trainer")
+    parser.add_argument("--alpha_mask", action="store_true", help="use alpha channel as mask for training")
     parser.add_argument(
         "--dataset_class", type=str, default=None, help="dataset class for arbitrary dataset (package.module.Class)"
     )
@@ -129,27 +129,59 @@ TORCH_ONLY_FLAGS = {
     "lowvram": "MindSpore manages device memory itself; the flag changes nothing",
     "highvram": "MindSpore manages device memory itself; the flag changes nothing",
     "persistent_data_loader_workers": "batches are built in the main process; the flag changes nothing",
+    "max_data_loader_n_workers": "batches are built in the main process; the flag changes nothing",
+    "dynamo_backend": "training already runs as a compiled MindSpore graph (GRAPH_MODE)",
+    "ddp_timeout": "data-parallel training uses msrun, not torch DDP; the flag changes nothing",
+    "ddp_gradient_as_bucket_view": "data-parallel training uses msrun, not torch DDP; the flag changes nothing",
+    "ddp_static_graph": "data-parallel training uses msrun, not torch DDP; the flag changes nothing",
+    "disable_mmap_load_safetensors": "checkpoints are always read fully into host memory; the flag changes nothing",
 }
 DEFAULT_DATA_LOADER_WORKERS = 8
+# upstream's torch.compile backends, accepted and noted (see TORCH_ONLY_FLAGS)
+DYNAMO_BACKENDS = ("eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi", "fx2trt",
+                   "onnxrt", "tensort", "ipex", "tvm")
+DEEPSPEED_REASON = "DeepSpeed is torch-only; use data-parallel training with msrun (see README)"
+HUGGINGFACE_REASON = "not supported offline: upload the file yourself"
 UNSUPPORTED_FLAGS = {
     # flag: why it is refused (an error whenever it is set to anything but its default)
-    "deepspeed": "DeepSpeed is torch-only; use data-parallel training with msrun (see README)",
+    "deepspeed": DEEPSPEED_REASON,
+    "zero_stage": DEEPSPEED_REASON,
+    "offload_optimizer_device": DEEPSPEED_REASON,
+    "offload_optimizer_nvme_path": DEEPSPEED_REASON,
+    "offload_param_device": DEEPSPEED_REASON,
+    "offload_param_nvme_path": DEEPSPEED_REASON,
+    "zero3_init_flag": DEEPSPEED_REASON,
+    "zero3_save_16bit_model": DEEPSPEED_REASON,
+    "fp16_master_weights_and_gradients": DEEPSPEED_REASON,
+    "huggingface_repo_id": HUGGINGFACE_REASON,
+    "huggingface_repo_type": HUGGINGFACE_REASON,
+    "huggingface_path_in_repo": HUGGINGFACE_REASON,
+    "huggingface_token": HUGGINGFACE_REASON,
+    "huggingface_repo_visibility": HUGGINGFACE_REASON,
+    "save_state_to_huggingface": HUGGINGFACE_REASON,
+    "async_upload": HUGGINGFACE_REASON,
+    "resume_from_huggingface": "not supported offline: download the state and pass its folder to --resume",
     "fp8_base": "fp8 base weights are not supported by this MindSpore port",
+    "fp8_base_unet": "fp8 base weights are not supported by this MindSpore port",
     "cpu_offload_checkpointing": "not supported (it also crashes upstream for SDXL)",
     "fused_backward_pass": "not supported (it has no effect in upstream's train_network either)",
-    "weighted_captions": "weighted captions ((token:1.3) syntax) are not implemented yet",
     "dataset_class": "custom dataset classes are not supported; use --dataset_config",
     "lr_decay_steps": "warmup_stable_decay is not implemented (see --lr_scheduler)",
     "lr_scheduler_min_lr_ratio": "cosine_with_min_lr / warmup_stable_decay are not implemented",
     "lr_scheduler_timescale": "inverse_sqrt is not implemented",
 }
+# the noted or refused flags whose default is not None or False: they count as given when they differ from it
+NON_EMPTY_DEFAULTS = {"max_data_loader_n_workers": DEFAULT_DATA_LOADER_WORKERS, "dynamo_backend": "inductor",
+                      "zero_stage": 2}
 
 
 def add_sd_models_arguments(parser):
-    parser.add_argument("--v2", action="store_true", help="SD 2.x model (not supported for SDXL)")
-    parser.add_argument("--v_parameterization", action="store_true", help="v-prediction model")
+    parser.add_argument("--v2", action="store_true", help="load a Stable Diffusion 2.x model (train_network.py)")
+    parser.add_argument("--v_parameterization", action="store_true", help="v-prediction model (SD 2.x 768-v, ...)")
     parser.add_argument(
-        "--pretrained_model_name_or_path", type=str, default=None, help="base model: a single-file SDXL .safetensors"
+        "--pretrained_model_name_or_path", type=str, default=None,
+        help="base model: a single-file .safetensors checkpoint (SD 1.x/2.x for train_network.py, SDXL for "
+             "sdxl_train_network.py)"
     )
     parser.add_argument("--tokenizer_cache_dir", type=str, default=None, help="directory to save/load the tokenizers")
 
@@ -157,6 +189,14 @@ def add_sd_models_arguments(parser):
 def add_training_arguments(parser):
     parser.add_argument("--output_dir", type=str, default=None, help="directory for trained models")
     parser.add_argument("--output_name", type=str, default=None, help="base name of trained model files")
+    parser.add_argument("--huggingface_repo_id", type=str, default=None, help="not supported; see README")
+    parser.add_argument("--huggingface_repo_type", type=str, default=None, help="not supported; see README")
+    parser.add_argument("--huggingface_path_in_repo", type=str, default=None, help="not supported; see README")
+    parser.add_argument("--huggingface_token", type=str, default=None, help="not supported; see README")
+    parser.add_argument("--huggingface_repo_visibility", type=str, default=None, help="not supported; see README")
+    parser.add_argument("--save_state_to_huggingface", action="store_true", help="not supported; see README")
+    parser.add_argument("--resume_from_huggingface", action="store_true", help="not supported; see README")
+    parser.add_argument("--async_upload", action="store_true", help="not supported; see README")
     parser.add_argument(
         "--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"], help="precision of saved files"
     )
@@ -174,7 +214,8 @@ def add_training_arguments(parser):
     parser.add_argument("--max_token_length", type=int, default=None, choices=[None, 150, 225], help="max token length")
     parser.add_argument("--mem_eff_attn", action="store_true", help="torch-only; see README")
     parser.add_argument("--torch_compile", action="store_true", help="torch-only; see README")
-    parser.add_argument("--dynamo_backend", type=str, default="inductor", help="torch-only; ignored")
+    parser.add_argument("--dynamo_backend", type=str, default="inductor", choices=DYNAMO_BACKENDS,
+                        help="torch-only; see README")
     parser.add_argument("--xformers", action="store_true", help="torch-only; see README")
     parser.add_argument("--sdpa", action="store_true", help="torch-only; see README")
     parser.add_argument("--vae", type=str, default=None, help="VAE to use instead of the checkpoint's")
@@ -192,16 +233,46 @@ def add_training_arguments(parser):
     parser.add_argument("--full_fp16", action="store_true", help="fp16 training including the LoRA weights")
     parser.add_argument("--full_bf16", action="store_true", help="bf16 training including the LoRA weights")
     parser.add_argument("--fp8_base", action="store_true", help="not supported; see README")
+    parser.add_argument("--fp8_base_unet", action="store_true", help="not supported; see README")
+    parser.add_argument("--ddp_timeout", type=int, default=None, help="torch-only; see README")
+    parser.add_argument("--ddp_gradient_as_bucket_view", action="store_true", help="torch-only; see README")
+    parser.add_argument("--ddp_static_graph", action="store_true", help="torch-only; see README")
     parser.add_argument("--lowram", action="store_true", help="torch-only; see README")
     parser.add_argument("--highvram", action="store_true", help="torch-only; see README")
     parser.add_argument("--cpu_offload_checkpointing", action="store_true", help="not supported; see README")
     parser.add_argument("--deepspeed", action="store_true", help="not supported; see README")
-    parser.add_argument("--logging_dir", type=str, default=None, help="TensorBoard log directory")
-    parser.add_argument("--log_with", type=str, default=None, choices=["tensorboard", "wandb", "all"], help="tracker")
-    parser.add_argument("--log_prefix", type=str, default=None, help="prefix of the log directory name")
-    parser.add_argument("--log_tracker_name", type=str, default=None, help="accepted for compatibility")
+    parser.add_argument("--zero_stage", type=int, default=2, choices=[0, 1, 2, 3], help="DeepSpeed: not supported")
+    parser.add_argument("--offload_optimizer_device", type=str, default=None, choices=[None, "cpu", "nvme"],
+                        help="DeepSpeed: not supported")
+    parser.add_argument("--offload_optimizer_nvme_path", type=str, default=None, help="DeepSpeed: not supported")
+    parser.add_argument("--offload_param_device", type=str, default=None, choices=[None, "cpu", "nvme"],
+                        help="DeepSpeed: not supported")
+    parser.add_argument("--offload_param_nvme_path", type=str, default=None, help="DeepSpeed: not supported")
+    parser.add_argument("--zero3_init_flag", action="store_true", help="DeepSpeed: not supported")
+    parser.add_argument("--zero3_save_16bit_model", action="store_true", help="DeepSpeed: not supported")
+    parser.add_argument("--fp16_master_weights_and_gradients", action="store_true", help="DeepSpeed: not supported")
+    parser.add_argument("--logging_dir", type=str, default=None, help="enable logging: TensorBoard logs go here")
+    parser.add_argument("--log_with", type=str, default=None, choices=["tensorboard", "wandb", "all"],
+                        help="logging tool(s): all = TensorBoard and wandb (wandb: pip install wandb)")
+    parser.add_argument("--log_prefix", type=str, default=None, help="prefix of each log directory's name")
+    parser.add_argument("--log_tracker_name", type=str, default=None,
+                        help="tracker name (TensorBoard subfolder, wandb project); default network_train")
+    parser.add_argument("--wandb_run_name", type=str, default=None, help="name of the wandb run")
+    parser.add_argument("--log_tracker_config", type=str, default=None,
+                        help="TOML file of tracker init arguments ([tensorboard] and [wandb] tables)")
+    parser.add_argument("--wandb_api_key", type=str, default=None, help="wandb API key to log in with before training")
+    parser.add_argument("--log_config", action="store_true",
+                        help="log the training arguments (without API keys and paths) as the tracker config")
+    parser.add_argument("--skip_until_initial_step", action="store_true",
+                        help="skip the batches before --initial_step / --initial_epoch without training them")
+    parser.add_argument("--initial_epoch", type=int, default=None,
+                        help="epoch to start at, 1 = the first; the LR scheduler still starts at 0 without --resume")
+    parser.add_argument("--initial_step", type=int, default=None,
+                        help="step to start at, counted over all epochs, 0 = the first; overrides --initial_epoch")
     parser.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight for regularization images")
-    parser.add_argument("--clip_skip", type=int, default=None, help="no effect for SDXL")
+    parser.add_argument("--clip_skip", type=int, default=None,
+                        help="use the output of the N-th layer from the end of the text encoder (SD 1.x; no effect "
+                             "for SDXL)")
     parser.add_argument("--lowvram", action="store_true", help="torch-only; see README")
     parser.add_argument("--compile_cache_dir", type=str, default=None,
                         help="MindSpore compile cache: the compiled training step is kept here and reused by later runs "
@@ -271,15 +342,25 @@ def read_config_from_file(args, parser, argv=None):
 
 def check_unsupported_flags(args, log=print):
     """Flags this port cannot honour: torch-only switches are explained, the others are errors when set
-    (their defaults are all None, False or 0)."""
+    (their defaults are None, False or 0 unless NON_EMPTY_DEFAULTS says otherwise)."""
     for flag, reason in UNSUPPORTED_FLAGS.items():
-        if getattr(args, flag, None) not in (None, False):
+        if _is_given(args, flag):
             raise ValueError(f"--{flag}: {reason}")
+    if getattr(args, "weighted_captions", False) and (
+        getattr(args, "cache_text_encoder_outputs", False) or getattr(args, "cache_text_encoder_outputs_to_disk", False)
+    ):
+        raise ValueError("--weighted_captions cannot be used with --cache_text_encoder_outputs: the cached outputs "
+                         "are not weighted (upstream's sdxl_train.py refuses this too)")
     for flag, what_instead in TORCH_ONLY_FLAGS.items():
-        if getattr(args, flag, False):
+        if _is_given(args, flag):
             log(f"--{flag}: {what_instead}")
-    if args.max_data_loader_n_workers != DEFAULT_DATA_LOADER_WORKERS:
-        log("--max_data_loader_n_workers: batches are built in the main process; the flag changes nothing")
+
+
+def _is_given(args, flag):
+    value = getattr(args, flag, None)
+    if flag in NON_EMPTY_DEFAULTS:
+        return value is not None and value != NON_EMPTY_DEFAULTS[flag]
+    return value not in (None, False)
 
 
 def parse_network_args(network_args):

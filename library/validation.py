@@ -12,7 +12,9 @@ same loss. Here:
 - the noise: `noise_sampling.FixedTimestepNoise`, the train step's draws with the timestep fixed, a function of
   (validation seed, batch index, timestep) that touches no other random stream;
 - the graph: `ValidationStep`, the train step's `forward` alone (no backward, no optimizer), compiled once for
-  every bucket by `compile_validation_step`;
+  every bucket by `compile_validation_step`; with masked loss the validation batches carry their masks
+  (`alpha_masks`) as the training batches do, and that forward applies them, as upstream's shared
+  `process_batch` does;
 - the schedule: `should_validate_step` / `should_validate_epoch`; the logged values: `ValidationLossTracker`.
 
 `Validation` puts these together for the training loop:
@@ -21,10 +23,10 @@ same loss. Here:
                                              optimizer_eval_fn=..., optimizer_train_fn=...)  # None: no validation
     ... after each optimizer step (global_step incremented, step logs written):
         logs = validator.after_step(global_step, epoch, loss_recorder.moving_average)
-        if logs: tracker.log(logs, global_step)
+        if logs: tracker.log_step(logs, global_step, epoch + 1)
     ... after each epoch's steps, before "loss/epoch_average":
         logs = validator.after_epoch(epoch, loss_recorder.moving_average)
-        if logs: tracker.log(logs, epoch + 1)
+        if logs: tracker.log_epoch(logs, global_step, epoch + 1)
 """
 
 import argparse
@@ -293,6 +295,8 @@ class Validation:
 
     def __init__(self, args, train_step, validation_group, network, rank: int = 0, world_size: int = 1,
                  show_progress: bool = True, optimizer_eval_fn=None, optimizer_train_fn=None):
+        if validation_group.with_masks != getattr(train_step, "masked_loss", False):
+            raise ValueError("the validation batches and the train step disagree on masked loss (alpha_masks)")
         self.group = validation_group
         self.network = network
         self.rank, self.world_size = rank, world_size
@@ -331,14 +335,14 @@ class Validation:
             self.optimizer_train_fn()
 
     def after_step(self, global_step: int, epoch: int, train_average: float) -> Optional[dict]:
-        """After an optimizer step: the step logs (for tracker.log at global_step) when one is due, else None.
+        """After an optimizer step: the step logs (for tracker.log_step) when one is due, else None.
         `epoch` is the loop's 0-based index; `train_average` the training loss_recorder.moving_average."""
         if not should_validate_step(global_step, self.validate_every_n_steps, self.num_steps):
             return None
         return self.tracker.step_logs(self.run("validation steps").losses, epoch, train_average)
 
     def after_epoch(self, epoch: int, train_average: float) -> Optional[dict]:
-        """After an epoch's steps (0-based `epoch`): the epoch logs (for tracker.log at epoch + 1) when due."""
+        """After an epoch's steps (0-based `epoch`): the epoch logs (for tracker.log_epoch) when due."""
         if not should_validate_epoch(epoch, self.validate_every_n_epochs, self.num_steps):
             return None
         return self.tracker.epoch_logs(self.run("epoch validation steps").losses, epoch, train_average)

@@ -1,4 +1,5 @@
-"""LoRA for the SDXL UNet and text encoders, file-compatible with kohya-ss/sd-scripts' `networks/lora.py`.
+"""LoRA for the SD 1.x/2.x and SDXL UNets and text encoders, file-compatible with kohya-ss/sd-scripts'
+`networks/lora.py`.
 
 Upstream patches the `forward` of each target Linear/Conv2d. MindSpore's graph mode cannot compile a patched
 forward, so here each target `nn.Dense`/`nn.Conv2d` is REPLACED IN PLACE in its parent by a `LoRAModule` that
@@ -11,6 +12,11 @@ contains the LoRA layers. Consequences for callers:
 - the models' own parameters are frozen (`requires_grad=False`); only `lora_down`/`lora_up` weights train;
 - the network's registered children are the LoRA modules, named `lora_unet_...`/`lora_te1_...`/`lora_te2_...`,
   as upstream's `add_module(lora_name, lora)`; the models themselves are referenced, not registered.
+
+Module names are the layers' paths in the models, as upstream's: an SD 1.x/2.x UNet in diffusers' layout gives
+`lora_unet_down_blocks_0_attentions_0_proj_in`, the SDXL UNet in SGM layout `lora_unet_input_blocks_4_1_proj_in`;
+one text encoder gives `lora_te_...`, two (SDXL) `lora_te1_...`/`lora_te2_...`. The UNet's layout also decides the
+block numbering of block dims and block lr weights (`UNetLayout`: SD's 25 blocks or SDXL's 23).
 
 Inference merging (`create_network_from_weights(..., for_inference=True)`) builds no cells: it returns a
 `LoRAMerger` that adds `multiplier * scale * up @ down` into the base weights in place.
@@ -29,6 +35,7 @@ Upstream quirks deliberately not reproduced (README material):
 
 import logging
 import math
+import re
 from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
@@ -51,11 +58,6 @@ LORA_PREFIX_TEXT_ENCODER1 = "lora_te1"
 LORA_PREFIX_TEXT_ENCODER2 = "lora_te2"
 ORG_MODULE = "org_module"  # attribute of LoRAModule holding the wrapped layer; appears in parameter paths
 
-# SDXL block layout for block dims / block lr: 0 = time/label embedding (never LoRA), 1-9 = input_blocks 0-8,
-# 10-12 = middle_block 0-2, 13-21 = output_blocks 0-8, 22 = out (never LoRA)
-SDXL_NUM_OF_BLOCKS = 9
-SDXL_NUM_OF_MID_BLOCKS = 3
-NUM_TOTAL_BLOCKS = 1 + SDXL_NUM_OF_BLOCKS * 2 + SDXL_NUM_OF_MID_BLOCKS + 1
 BLOCK_LR_PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
 
 KNOWN_NETWORK_ARGS = (
@@ -316,19 +318,63 @@ def base_state_dict(model: nn.Cell) -> Dict[str, Parameter]:
             if id(param) not in lora_ids}
 
 
-def get_block_index(lora_name: str) -> int:
-    """Index in SDXL's 23-block layout of a UNet LoRA name; -1 for text encoder or unknown names."""
-    if not lora_name.startswith(LORA_PREFIX_UNET + "_"):
-        return -1
-    name = lora_name[len(LORA_PREFIX_UNET) + 1:]
-    for stage, first in (("input_blocks_", 1), ("middle_block_", 10), ("output_blocks_", 13)):
-        if name.startswith(stage):
-            return first + int(name[len(stage):].split("_")[0])
-    if name.startswith(("time_embed_", "label_emb_")):
-        return 0
-    if name.startswith("out_"):
-        return NUM_TOTAL_BLOCKS - 1
-    return -1
+@dataclass(frozen=True)
+class UNetLayout:
+    """How upstream numbers a UNet's blocks for block dims (`block_dims`, ...) and block lr weights (`*_lr_weight`).
+
+    SD 1.x/2.x (diffusers names, 25 blocks): 0 = conv_in (never LoRA), 1-11 = down_blocks (3 per level: resnet or
+    attention j of level i is 3i+j+1, its downsampler 3i+3), 12 = mid_block, 13-24 = up_blocks (3i+j+13); the lr
+    weights are down(12) + mid(1) + up(12). SDXL (SGM names, 23 blocks): 0 = time/label embedding (never LoRA),
+    1-9 = input_blocks 0-8, 10-12 = middle_block 0-2, 13-21 = output_blocks 0-8, 22 = out (never LoRA); the lr
+    weights are 1 + down(9) + mid(3) + up(9) + 1. `sgm_names`: the names are SGM's, so diffusers-named files are
+    converted when they load.
+    """
+
+    name: str
+    num_blocks: int  # down (= up) blocks with an lr weight each
+    num_mid_blocks: int
+    sgm_names: bool  # SDXL's SGM names; its blocks 0 and last, outside down/mid/up, have lr weight 1.0
+
+    @property
+    def num_total_blocks(self) -> int:
+        return 2 * self.num_blocks + self.num_mid_blocks + (2 if self.sgm_names else 0)
+
+    def block_index(self, lora_name: str) -> int:
+        """This layout's block of a UNet LoRA name; -1 for text encoder or unknown names."""
+        if not lora_name.startswith(LORA_PREFIX_UNET + "_"):
+            return -1
+        name = lora_name[len(LORA_PREFIX_UNET) + 1:]
+        if self.sgm_names:
+            for stage, first in (("input_blocks_", 1), ("middle_block_", 10), ("output_blocks_", 13)):
+                if name.startswith(stage):
+                    return first + int(name[len(stage):].split("_")[0])
+            if name.startswith(("time_embed_", "label_emb_")):
+                return 0
+            return self.num_total_blocks - 1 if name.startswith("out_") else -1
+        m = _DIFFUSERS_BLOCK.match(name)
+        if m:
+            side, level, kind, index = m.group(1), int(m.group(2)), m.group(3), int(m.group(4))
+            slot = 3 * level + (2 if kind in ("downsamplers", "upsamplers") else index)
+            return 1 + slot if side == "down" else self.num_blocks + 1 + slot
+        return self.num_blocks if name.startswith("mid_block_") else -1
+
+
+_DIFFUSERS_BLOCK = re.compile(r"^(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_")
+SD_LAYOUT = UNetLayout("SD 1.x/2.x", num_blocks=12, num_mid_blocks=1, sgm_names=False)
+SDXL_LAYOUT = UNetLayout("SDXL", num_blocks=9, num_mid_blocks=3, sgm_names=True)
+
+
+def unet_layout(text_encoders, unet) -> UNetLayout:
+    """SDXL's for a UNet in SGM layout (`input_blocks`), SD's for one in diffusers layout (`down_blocks`); without
+    a UNet, by the number of text encoders."""
+    if unet is not None:
+        return SDXL_LAYOUT if hasattr(unet, "input_blocks") else SD_LAYOUT
+    return SDXL_LAYOUT if len(_as_list(text_encoders)) == 2 else SD_LAYOUT
+
+
+def get_block_index(lora_name: str, layout: UNetLayout = SDXL_LAYOUT) -> int:
+    """Index of a UNet LoRA name in `layout`'s blocks; -1 for text encoder or unknown names."""
+    return layout.block_index(lora_name)
 
 
 # ------------------------------------------------------------------------------------------------ the network
@@ -343,7 +389,8 @@ class LoRANetwork(nn.Cell):
 
     dims: `lora_dim`/`alpha` for Dense and 1x1 conv layers, `conv_lora_dim`/`conv_alpha` for 3x3 convs (the
     ResNet/Down/Upsample blocks are targeted only when a conv dim is given); `block_dims`/`block_alphas`
-    (and `conv_block_*`), 23 entries each, override them per UNet block; `modules_dim`/`modules_alpha` (from a
+    (and `conv_block_*`), one entry per block of the UNet's layout (`unet_layout`: 25 for SD, 23 for SDXL),
+    override them per UNet block; `modules_dim`/`modules_alpha` (from a
     file) name every module explicitly. A dim of 0 or None skips the layer.
     """
 
@@ -360,12 +407,13 @@ class LoRANetwork(nn.Cell):
         self.block_lr_weight = None
         self._sites: Dict[str, _Site] = {}
         self._model_ids = ([id(m) for m in _as_list(text_encoders)], id(unet) if unet is not None else None)
+        self.layout = unet_layout(text_encoders, unet)
 
         def dim_and_alpha(site: _Site, is_unet: bool):
             if modules_dim is not None:
                 return modules_dim.get(site.lora_name), modules_alpha.get(site.lora_name)
             if is_unet and block_dims is not None:
-                index = get_block_index(site.lora_name)
+                index = self.layout.block_index(site.lora_name)
                 if not site.is_conv3x3:
                     return block_dims[index], block_alphas[index]
                 if conv_block_dims is not None:
@@ -504,7 +552,7 @@ class LoRANetwork(nn.Cell):
             else:
                 by_block: Dict[int, List[LoRAModule]] = {}
                 for lora in self.unet_loras:
-                    by_block.setdefault(get_block_index(lora.lora_name), []).append(lora)
+                    by_block.setdefault(self.layout.block_index(lora.lora_name), []).append(lora)
                 for index, block_loras in by_block.items():
                     lr = None if base_lr is None else base_lr * self.block_lr_weight[index]
                     assemble(block_loras, lr, ratio, f"unet_block{index}")
@@ -559,7 +607,8 @@ class LoRANetwork(nn.Cell):
         """Load a LoRA file into the live modules (`--network_weights`); missing/unexpected keys are logged and
         returned, a shape mismatch or a file matching no key at all is an error."""
         tensors, _ = lora_io.read_lora_file(file)
-        tensors, _ = lora_io.convert_diffusers_to_sgm(tensors)
+        if self.layout.sgm_names:
+            tensors, _ = lora_io.convert_diffusers_to_sgm(tensors)
         params = self._named_lora_parameters()
         missing = sorted(set(params) - set(tensors))
         unexpected = sorted(set(tensors) - set(params))
@@ -662,27 +711,29 @@ def _typed_arg(network_args: dict, name: str, cast):
         raise ValueError(f"network_args {name}={value!r}: expected {'an integer' if cast is int else 'a number'}")
 
 
-def _parse_list(name: str, value, cast, length: int) -> list:
+def _parse_list(name: str, value, cast, layout: UNetLayout) -> list:
+    length = layout.num_total_blocks
     try:
         values = [cast(v) for v in str(value).split(",")]
     except ValueError:
         raise ValueError(f"network_args {name}={value!r}: expected {length} comma-separated numbers")
     if len(values) != length:
-        raise ValueError(f"network_args {name} must have {length} elements (SDXL blocks), got {len(values)}")
+        raise ValueError(f"network_args {name} must have {length} elements ({layout.name} blocks), got {len(values)}")
     return values
 
 
 def get_block_dims_and_alphas(block_dims, block_alphas, network_dim, network_alpha, conv_block_dims,
-                              conv_block_alphas, conv_dim, conv_alpha):
-    """Per-block (dims, alphas, conv_dims, conv_alphas), 23 entries each; unspecified ones use the global values
-    (conv ones stay None when neither conv_block_dims nor conv_dim is given)."""
-    n = NUM_TOTAL_BLOCKS
-    dims = _parse_list("block_dims", block_dims, int, n) if block_dims is not None else [network_dim] * n
-    alphas = _parse_list("block_alphas", block_alphas, float, n) if block_alphas is not None else [network_alpha] * n
+                              conv_block_alphas, conv_dim, conv_alpha, layout: UNetLayout = SDXL_LAYOUT):
+    """Per-block (dims, alphas, conv_dims, conv_alphas), one entry per block of `layout`; unspecified ones use the
+    global values (conv ones stay None when neither conv_block_dims nor conv_dim is given)."""
+    n = layout.num_total_blocks
+    dims = _parse_list("block_dims", block_dims, int, layout) if block_dims is not None else [network_dim] * n
+    alphas = (_parse_list("block_alphas", block_alphas, float, layout) if block_alphas is not None
+              else [network_alpha] * n)
     if conv_block_dims is not None:
-        conv_dims = _parse_list("conv_block_dims", conv_block_dims, int, n)
-        conv_alphas = (_parse_list("conv_block_alphas", conv_block_alphas, float, n) if conv_block_alphas is not None
-                       else [conv_alpha if conv_alpha is not None else 1.0] * n)
+        conv_dims = _parse_list("conv_block_dims", conv_block_dims, int, layout)
+        conv_alphas = (_parse_list("conv_block_alphas", conv_block_alphas, float, layout)
+                       if conv_block_alphas is not None else [conv_alpha if conv_alpha is not None else 1.0] * n)
     elif conv_dim is not None:
         conv_dims, conv_alphas = [conv_dim] * n, [conv_alpha] * n
     else:
@@ -713,8 +764,10 @@ def _lr_weight_list(name: str, value, length: int, allow_preset: bool) -> List[f
     return (values + [1.0] * length)[:length]
 
 
-def get_block_lr_weight(down_lr_weight, mid_lr_weight, up_lr_weight, zero_threshold: float = 0.0):
-    """The 23 per-block lr weights `[1] + down(9) + mid(3) + up(9) + [1]`, or None when none is given.
+def get_block_lr_weight(down_lr_weight, mid_lr_weight, up_lr_weight, zero_threshold: float = 0.0,
+                        layout: UNetLayout = SDXL_LAYOUT):
+    """The per-block lr weights of `layout`, or None when none is given: SD's 25 `down(12) + mid(1) + up(12)`,
+    SDXL's 23 `[1] + down(9) + mid(3) + up(9) + [1]`.
 
     Weights at or below `zero_threshold` become 0 (those blocks get no LoRA at all)."""
     if down_lr_weight is None and mid_lr_weight is None and up_lr_weight is None:
@@ -726,17 +779,19 @@ def get_block_lr_weight(down_lr_weight, mid_lr_weight, up_lr_weight, zero_thresh
         values = _lr_weight_list(name, value, length, allow_preset)
         return [w if w > zero_threshold else 0.0 for w in values]
 
-    weights = ([1.0] + part("down_lr_weight", down_lr_weight, SDXL_NUM_OF_BLOCKS, True)
-               + part("mid_lr_weight", mid_lr_weight, SDXL_NUM_OF_MID_BLOCKS, False)
-               + part("up_lr_weight", up_lr_weight, SDXL_NUM_OF_BLOCKS, True) + [1.0])
+    weights = (part("down_lr_weight", down_lr_weight, layout.num_blocks, True)
+               + part("mid_lr_weight", mid_lr_weight, layout.num_mid_blocks, False)
+               + part("up_lr_weight", up_lr_weight, layout.num_blocks, True))
+    if layout.sgm_names:
+        weights = [1.0] + weights + [1.0]  # the embeddings and out, which hold no LoRA
     logger.info(f"block lr weights: {weights}")
     return weights
 
 
-def parse_block_lr_kwargs(network_args: dict) -> Optional[List[float]]:
+def parse_block_lr_kwargs(network_args: dict, layout: UNetLayout = SDXL_LAYOUT) -> Optional[List[float]]:
     return get_block_lr_weight(network_args.get("down_lr_weight"), network_args.get("mid_lr_weight"),
                                network_args.get("up_lr_weight"),
-                               _typed_arg(network_args, "block_lr_zero_threshold", float) or 0.0)
+                               _typed_arg(network_args, "block_lr_zero_threshold", float) or 0.0, layout)
 
 
 # ------------------------------------------------------------------------------------------------ factories
@@ -760,12 +815,13 @@ def create_network(multiplier: float, network_dim: Optional[int], network_alpha:
     if neuron_dropout is None:
         neuron_dropout = _typed_arg(network_args, "dropout", float)
 
-    block_lr_weight = parse_block_lr_kwargs(network_args)
+    layout = unet_layout(text_encoders, unet)
+    block_lr_weight = parse_block_lr_kwargs(network_args, layout)
     block_dims = block_alphas = conv_block_dims = conv_block_alphas = None
     if network_args.get("block_dims") is not None or block_lr_weight is not None:
         block_dims, block_alphas, conv_block_dims, conv_block_alphas = get_block_dims_and_alphas(
             network_args.get("block_dims"), network_args.get("block_alphas"), network_dim, network_alpha,
-            network_args.get("conv_block_dims"), network_args.get("conv_block_alphas"), conv_dim, conv_alpha)
+            network_args.get("conv_block_dims"), network_args.get("conv_block_alphas"), conv_dim, conv_alpha, layout)
         if block_lr_weight is not None:  # a block with lr weight 0 gets no LoRA at all
             for i, weight in enumerate(block_lr_weight):
                 if weight == 0:
@@ -794,8 +850,8 @@ def create_network_from_weights(multiplier: float, file: Optional[str], vae, tex
                                 **network_args):
     """(network, weights_sd) with one module per module of a LoRA file, dims and alphas taken from the file.
 
-    `weights_sd` (numpy arrays under Kohya's keys) replaces reading `file`. Diffusers-named UNet keys are renamed
-    to SGM names first (the returned `weights_sd` has the new names). `for_inference=False` gives a trainable
+    `weights_sd` (numpy arrays under Kohya's keys) replaces reading `file`. For an SDXL UNet, diffusers-named UNet
+    keys are renamed to SGM names first (the returned `weights_sd` has the new names). `for_inference=False` gives a trainable
     `LoRANetwork` (for --dim_from_weights; load the weights with `load_weights`); `for_inference=True` gives a
     `LoRAMerger` whose `merge_to(weights_sd)` adds the LoRA into the base weights. A file none of whose modules
     fits the models is an error; partly matching files log the modules that found no layer.
@@ -804,10 +860,12 @@ def create_network_from_weights(multiplier: float, file: Optional[str], vae, tex
     source = file if file is not None else "weights_sd"
     if weights_sd is None:
         weights_sd, _ = lora_io.read_lora_file(file)
-    weights_sd, not_converted = lora_io.convert_diffusers_to_sgm(weights_sd)
-    if not_converted:
-        logger.warning(f"{source}: {len(not_converted)} diffusers-named UNet modules have no SGM counterpart: "
-                       + ", ".join(not_converted))
+    layout = unet_layout(text_encoders, unet)
+    if layout.sgm_names:
+        weights_sd, not_converted = lora_io.convert_diffusers_to_sgm(weights_sd)
+        if not_converted:
+            logger.warning(f"{source}: {len(not_converted)} diffusers-named UNet modules have no SGM counterpart: "
+                           + ", ".join(not_converted))
     modules_dim, modules_alpha = lora_io.modules_dims_and_alphas(weights_sd)
     if not modules_dim:
         raise ValueError(f"{source}: no '<name>.lora_down.weight' keys; it looks like "
@@ -820,7 +878,7 @@ def create_network_from_weights(multiplier: float, file: Optional[str], vae, tex
         network = LoRANetwork(text_encoders, unet, multiplier=multiplier, modules_dim=modules_dim,
                               modules_alpha=modules_alpha)
         matched = {lora.lora_name for lora in network.loras}
-        block_lr_weight = parse_block_lr_kwargs(network_args)
+        block_lr_weight = parse_block_lr_kwargs(network_args, layout)
         if block_lr_weight is not None:
             network.set_block_lr_weight(block_lr_weight)
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import sdxl_train_network
+import train_network
 from library import caching, config_util, sdxl_train_util
 from library.bucketing import trim_and_resize_if_required
 from library.image_loading import load_image, to_chw_float
@@ -118,7 +119,7 @@ def test_cache_latents_tool_writes_what_the_trainer_computes_and_accepts(workspa
 
     # with the posterior mean in place of the sample, the tool's files equal the trainer's in-memory cache of the
     # same images, and the mean computed directly above
-    monkeypatch.setattr(sdxl_train_network, "sample_diagonal_gaussian", lambda mean, logvar: mean)
+    monkeypatch.setattr(train_network, "sample_diagonal_gaussian", lambda mean, logvar: mean)
     for path in paths:
         os.remove(path)
     cache_latents.main(flags + ["--vae_batch_size", "2"])
@@ -191,7 +192,7 @@ def test_cache_text_encoder_outputs_tool_writes_what_the_trainer_computes_and_ac
     (cache_latents, ["--resolution", "64,x"], "--resolution"),
     (cache_text_encoder_outputs, ["--shuffle_caption"], "shuffle_caption"),
     (cache_text_encoder_outputs, ["--weighted_captions"], "--weighted_captions"),
-    (cache_text_encoder_outputs, ["--pretrained_model_name_or_path", "{tmp}"], "directories are not supported"),
+    (cache_text_encoder_outputs, ["--pretrained_model_name_or_path", "{tmp}"], "a folder without model_index.json"),
     (cache_text_encoder_outputs, ["--pretrained_model_name_or_path", "{tmp}/none.safetensors"], "file not found"),
 ])
 def test_bad_inputs_are_one_line_errors(workspace, data_dir, tmp_path, tool, extra, message):

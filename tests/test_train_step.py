@@ -12,6 +12,16 @@ from tools.make_tiny_checkpoint import make_tiny_checkpoint
 BATCH = 2
 
 
+class PlainBatches(list):
+    """What the step reads of a data set: its length, and that batches carry no caption weights or loss masks."""
+
+    weighted_captions = False
+    with_masks = False
+
+    def __init__(self):
+        super().__init__([None] * BATCH)
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("step") / "tiny.safetensors"
@@ -37,7 +47,7 @@ def build_step(ckpt, args):
     groups, _ = network.prepare_optimizer_params(None, None, args.learning_rate)
     _, _, optimizer = optimizers.get_optimizer(args, groups)
     trainer = sdxl_train_network.SdxlNetworkTrainer()
-    step = trainer.build_train_step(args, network, optimizer, (te1, te2), vae, unet, [None] * BATCH, ms.float32)
+    step = trainer.build_train_step(args, network, optimizer, (te1, te2), vae, unet, PlainBatches(), ms.float32)
     step.set_train(True)
     return step, network
 
