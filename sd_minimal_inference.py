@@ -26,8 +26,9 @@ import mindspore as ms  # noqa: E402
 from mindspore import nn, ops  # noqa: E402
 
 from sdxl_minimal_inference import (  # noqa: E402
-    DTYPES, LoraWeight, SdxlPipeline, add_sampling_arguments, cast_parameters, check_target_size, default_dtype_name, parse_lora_weight,
-    random_seed, runnable_dtype, save_image, size_multiple, use_synchronous_pynative,
+    DTYPES, LoraWeight, SdxlPipeline, add_sampling_arguments, cast_parameters, check_target_size, default_dtype_name,
+    parse_lora_weight, random_seed, resolve_dtypes, runnable_dtype, save_image, size_multiple,
+    use_synchronous_pynative,
 )
 from library import model_util, samplers  # noqa: E402
 from library.original_unet import Downsample2D  # noqa: E402
@@ -95,8 +96,7 @@ class SdPipeline(SdxlPipeline):
                     graph_mode: bool = True, v_parameterization: bool = False,
                     clip_skip: Optional[int] = None) -> "SdPipeline":
         """A pipeline over already-loaded models, used as they are (see SdxlPipeline.from_models)."""
-        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-        vae_dtype = dtype if vae_dtype is None else DTYPES[vae_dtype] if isinstance(vae_dtype, str) else vae_dtype
+        dtype, vae_dtype = resolve_dtypes(dtype, vae_dtype)
         pipeline = cls.__new__(cls)
         pipeline._attach_sd(text_encoder, vae, unet, tokenizer, dtype, vae_dtype, graph_mode, v_parameterization,
                             clip_skip)

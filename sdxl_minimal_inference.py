@@ -124,6 +124,13 @@ def size_multiple(unet, downsample_class=Downsample2D) -> int:
     return VAE_DOWNSCALE * 2 ** downsamplings
 
 
+def resolve_dtypes(dtype, vae_dtype=None):
+    """(dtype, vae_dtype) as mindspore dtypes from ms dtypes or "fp32"/"fp16"/"bf16"; the VAE's defaults to `dtype`."""
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    vae_dtype = dtype if vae_dtype is None else DTYPES[vae_dtype] if isinstance(vae_dtype, str) else vae_dtype
+    return dtype, vae_dtype
+
+
 class SdxlPipeline:
     """The models, a tokenizer, and the (optionally compiled) guided UNet.
 
@@ -172,8 +179,7 @@ class SdxlPipeline:
         (`library.sample_images.sample_images` switches to eval mode and back). `dtype` is the dtype the text
         encoders and UNet compute in (an ms dtype or "fp32"/"fp16"/"bf16"), `vae_dtype` the VAE's (default:
         `dtype`); `tokenizer` tokenizes as in training (e.g. the trainer's, with its --max_token_length)."""
-        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-        vae_dtype = dtype if vae_dtype is None else DTYPES[vae_dtype] if isinstance(vae_dtype, str) else vae_dtype
+        dtype, vae_dtype = resolve_dtypes(dtype, vae_dtype)
         pipeline = cls.__new__(cls)
         pipeline._attach(text_encoder1, text_encoder2, vae, unet, tokenizer, dtype, vae_dtype, graph_mode,
                          v_parameterization)

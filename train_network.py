@@ -209,7 +209,7 @@ class NetworkTrainer:
         """-> (text_encoders tuple, vae, unet)."""
         text_encoder, vae, unet = load_sd_models(args)
         check_clip_skip(text_encoder, args.clip_skip)
-        self.model_version_metadata = model_version_str_for_sd1_sd2(args.v2, args.v_parameterization)
+        self.model_version_metadata = model_util.get_model_version_str_for_sd1_sd2(args.v2, args.v_parameterization)
         return (text_encoder,), vae, unet
 
     def load_tokenizer(self, args):
@@ -656,12 +656,6 @@ def verify_sd_training_args(args):
         logger.warning("--v2 with --clip_skip will be unexpected: SD 2.x already uses the penultimate layer")
     if args.v_parameterization and not args.v2:
         logger.warning("--v_parameterization without --v2: the SD 1.x checkpoint must be a v-prediction model")
-
-
-def model_version_str_for_sd1_sd2(v2: bool, v_parameterization: bool) -> str:
-    """ss_base_model_version as upstream's model_util writes it: sd_v1, sd_v2, and with v-parameterization
-    sd_v1_v / sd_v2_v."""
-    return ("sd_v2" if v2 else "sd_v1") + ("_v" if v_parameterization else "")
 
 
 def load_sd_models(args):

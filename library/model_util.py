@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 TE_V1_PREFIX = "cond_stage_model.transformer."
 TE_V2_PREFIX = "cond_stage_model.model."
-SDXL_TE_PREFIX = "conditioner.embedders."  # only to recognise an SDXL file in an error message
+SDXL_TE_PREFIX = "conditioner.embedders."  # only to recognise an SDXL file (error messages, the tools' --sdxl)
 
 # the older CLIP-L layout of SD 1.x files (transformers < 4.x), renamed to today's on load as upstream does
 _TE_V1_OLD_LAYOUT = ("embeddings.", "encoder.", "final_layer_norm.")
@@ -207,6 +207,16 @@ def load_models_from_stable_diffusion_checkpoint(v2: bool, ckpt_path: str, dtype
             for name, value in section.to_model({name: reader.get(key) for name, key in group.items()}).items():
                 assign_parameter(params[name], value, dtype)
     return models
+
+
+def is_sdxl_checkpoint(path: str) -> bool:
+    """Whether a single-file checkpoint holds SDXL's text encoders (read from its header)."""
+    return any(key.startswith(SDXL_TE_PREFIX) for key in CheckpointReader(path).keys)
+
+
+def get_model_version_str_for_sd1_sd2(v2: bool, v_parameterization: bool) -> str:
+    """ss_base_model_version as upstream writes it: sd_v1, sd_v2, and with v-parameterization sd_v1_v / sd_v2_v."""
+    return ("sd_v2" if v2 else "sd_v1") + ("_v" if v_parameterization else "")
 
 
 def load_sd_models(path: str, v2: bool, flag: str, dtype=None):

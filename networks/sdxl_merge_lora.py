@@ -90,7 +90,7 @@ def setup_parser() -> argparse.ArgumentParser:
                         help="precision of the checkpoint's weights while merging (float is recommended; each delta "
                              "is computed in float32)")
     parser.add_argument("--sd_model", type=str, default=None,
-                        help="SDXL checkpoint (.safetensors) to merge into; LoRAs are merged into one LoRA if omitted")
+                        help="checkpoint (.safetensors) to merge into; LoRAs are merged into one LoRA if omitted")
     parser.add_argument("--save_to", type=str, default=None, help="output file (.safetensors)")
     parser.add_argument("--models", type=str, nargs="*", help="LoRA files to merge (.safetensors)")
     parser.add_argument("--ratios", type=float, nargs="*", help="ratio of each model")
@@ -103,11 +103,12 @@ def setup_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None):
+def main(argv=None, parser=None, merge_models=merge):
+    """The command line; `parser` and `merge_models` let networks/merge_lora.py (SD 1.x/2.x) run its own."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = setup_parser().parse_args(argv)
+    args = (parser or setup_parser()).parse_args(argv)
     try:
-        merge(args)
+        merge_models(args)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
 

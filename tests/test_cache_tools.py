@@ -15,6 +15,7 @@ from library import caching, config_util, sdxl_train_util
 from library.bucketing import trim_and_resize_if_required
 from library.image_loading import load_image, to_chw_float
 from tools import cache_latents, cache_text_encoder_outputs
+from tools.make_tiny_checkpoint import make_tiny_checkpoint
 from train_helpers import write_training_workspace
 
 NUM_IMAGES = 2
@@ -112,7 +113,7 @@ def test_cache_latents_tool_writes_what_the_trainer_computes_and_accepts(workspa
     np.testing.assert_array_equal(batch[0][0], npz["latents_flipped" if details["flipped"][0] else "latents"])
 
     # a second run keeps the valid files (sampling is random: a rewrite would change them)
-    cache_latents.main(flags + ["--skip_existing"])
+    cache_latents.main(flags + ["--sdxl", "--skip_existing"])
     for path, npz in zip(paths, files):
         for key, value in load_npz(path).items():
             np.testing.assert_array_equal(value, npz[key])
@@ -122,7 +123,7 @@ def test_cache_latents_tool_writes_what_the_trainer_computes_and_accepts(workspa
     monkeypatch.setattr(train_network, "sample_diagonal_gaussian", lambda mean, logvar: mean)
     for path in paths:
         os.remove(path)
-    cache_latents.main(flags + ["--vae_batch_size", "2"])
+    cache_latents.main(flags + ["--sdxl", "--vae_batch_size", "2"])
     args, trainer, group, _ = trainer_group(flags + ["--vae_batch_size", "2", "--cache_latents"])
     trainer.cache_latents(args, vae, group)
     for _, info in group.image_infos():
@@ -186,10 +187,11 @@ def test_cache_text_encoder_outputs_tool_writes_what_the_trainer_computes_and_ac
 
 
 @pytest.mark.parametrize("tool, extra, message", [
-    (cache_latents, ["--train_data_dir", "{tmp}/missing"], "missing"),
-    (cache_latents, ["--flux"], "--flux"),
-    (cache_latents, ["--color_aug"], "color_aug"),
-    (cache_latents, ["--resolution", "64,x"], "--resolution"),
+    (cache_latents, ["--sdxl", "--train_data_dir", "{tmp}/missing"], "missing"),
+    (cache_latents, ["--sdxl", "--flux"], "--flux"),
+    (cache_latents, ["--sdxl", "--color_aug"], "color_aug"),
+    (cache_latents, ["--sdxl", "--resolution", "64,x"], "--resolution"),
+    (cache_latents, [], "an SDXL checkpoint; pass --sdxl (without it the tool caches for SD 1.x/2.x, as upstream)"),
     (cache_text_encoder_outputs, ["--shuffle_caption"], "shuffle_caption"),
     (cache_text_encoder_outputs, ["--weighted_captions"], "--weighted_captions"),
     (cache_text_encoder_outputs, ["--pretrained_model_name_or_path", "{tmp}"], "a folder without model_index.json"),
@@ -202,3 +204,27 @@ def test_bad_inputs_are_one_line_errors(workspace, data_dir, tmp_path, tool, ext
     text = str(e.value)
     assert text.startswith("error: ") and message in text and "\n" not in text, text
     assert not any(name.endswith(".npz") for name in os.listdir(os.path.join(data_dir, "1_sks")))
+
+
+def test_cache_latents_tool_caches_sd_latents_without_sdxl(data_dir, tmp_path, monkeypatch):
+    """Without --sdxl the tool is SD 1.x's, as upstream: `_sd.npz` files of the SD VAE's posterior mean (sampling
+    replaced by the mean), which the SD trainer accepts and its in-memory cache equals."""
+    ckpt = str(tmp_path / "tiny_sd1.safetensors")
+    make_tiny_checkpoint(ckpt, "tiny_sd1", seed=5)
+    flags = dataset_flags(ckpt, data_dir)
+    monkeypatch.setattr(train_network, "sample_diagonal_gaussian", lambda mean, logvar: mean)
+    cache_latents.main(flags)
+    paths = [p[:-4] + "_0064x0064_sd.npz" for p in image_paths(data_dir)]
+    assert all(os.path.exists(p) for p in paths)
+    assert not any(name.endswith("_sdxl.npz") for name in os.listdir(os.path.join(data_dir, "1_sks")))
+
+    args = train_network.setup_parser().parse_args(flags + ["--cache_latents"])
+    config_util.prepare_dataset_args(args)
+    trainer = train_network.NetworkTrainer()
+    group, _ = config_util.build_dataset_groups(args, trainer.load_tokenizer(args))
+    _, vae, _ = train_network.load_sd_models(args)
+    trainer.cache_latents(args, vae, group)
+    for _, info in group.image_infos():
+        path = caching.latents_npz_path(info.absolute_path, info.image_size, caching.SD_LATENTS_NPZ_SUFFIX)
+        assert path in paths and caching.is_latents_npz_valid(path, info.bucket_reso, info.subset.flip_aug)
+        np.testing.assert_allclose(load_npz(path)["latents"], info.latents, rtol=0, atol=1e-6)

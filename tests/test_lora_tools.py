@@ -6,13 +6,14 @@ against upstream's keys and metadata; the checkpoint tools against the tiny SDXL
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
 
-from library import sdxl_model_util
-from networks import (extract_lora_from_models, lora, lora_io, lora_tools, resize_lora, sdxl_merge_lora,
-                      svd_merge_lora)
+from library import model_util, sdxl_model_util
+from networks import (extract_lora_from_models, lora, lora_io, lora_tools, merge_lora, resize_lora,
+                      sdxl_merge_lora, svd_merge_lora)
 from tools import show_metadata
 from tools.make_tiny_checkpoint import make_tiny_checkpoint
 
@@ -455,8 +456,60 @@ def test_extract_cli_file_and_metadata(checkpoints, unclipped_extraction):
     assert names == {n for n in without_conv if n.startswith("lora_unet_")}
     assert all(len(shapes[n]) == 2 for n in names)  # no --conv_dim: attention and feed-forward Linear layers only
 
-    with pytest.raises(SystemExit, match="only SDXL checkpoints are supported: pass --sdxl"):
+    # without --sdxl the checkpoints are read as SD 1.x, as upstream: an SDXL file is named
+    with pytest.raises(SystemExit, match=f"--model_org {re.escape(org)}: an SDXL checkpoint; pass --sdxl"):
         extract_lora_from_models.main(["--model_org", org, "--model_tuned", tuned, "--save_to", out])
+    with pytest.raises(SystemExit, match="--v2 and --sdxl cannot be given together"):
+        extract_lora_from_models.main(["--sdxl", "--v2", "--model_org", org, "--model_tuned", tuned, "--save_to", out])
+
+
+# an SD 1.x text-encoder Linear, a 1x1-conv proj_in, a resnet 3x3 conv and an up-block feed-forward Linear
+SD_KNOWN_MODULES = ("lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+                    "lora_unet_down_blocks_0_attentions_0_proj_in", "lora_unet_down_blocks_0_resnets_0_conv1",
+                    "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_ff_net_2")
+
+
+def test_extract_from_sd1_checkpoints_recovers_the_delta(tmp_path):
+    org = str(tmp_path / "org.safetensors")
+    make_tiny_checkpoint(org, "tiny_sd1")
+    shapes = {name: tuple(layer.weight.shape)
+              for name, layer in extract_lora_from_models.load_targets(org, 4, 4, None, sdxl=False).items()}
+    known = write(tmp_path / "known.safetensors", random_lora(11, rank=2, alpha=1.0,
+                                                              shapes={n: shapes[n] for n in SD_KNOWN_MODULES}))
+    # the tuned checkpoint: merge_lora.py merges the known LoRA into the original, as a live merge does
+    tuned = str(tmp_path / "tuned.safetensors")
+    merge_lora.main(["--sd_model", org, "--models", known, "--ratios", "1", "--save_to", tuned])
+    text_encoder, vae, unet = model_util.load_models_from_stable_diffusion_checkpoint(False, org)
+    merger, weights_sd = lora.create_network_from_weights(1.0, known, vae, [text_encoder], unet, for_inference=True)
+    merger.merge_to(weights_sd)
+    saved, saved_metadata = sdxl_model_util.read_safetensors(tuned)
+    live = model_util.sd_state_dict(False, text_encoder, unet, vae)
+    assert set(saved) == set(live)
+    for key, value in live.items():
+        np.testing.assert_array_equal(saved[key], value, err_msg=key)
+    assert saved_metadata["modelspec.architecture"] == "stable-diffusion-v1"
+    assert saved_metadata["modelspec.merged_from"] == "org, known"
+    sdxl = str(tmp_path / "sdxl.safetensors")
+    make_tiny_checkpoint(sdxl)
+    with pytest.raises(SystemExit, match="an SDXL checkpoint; use networks/sdxl_merge_lora.py"):
+        merge_lora.main(["--sd_model", sdxl, "--models", known, "--ratios", "1", "--save_to", tuned])
+
+    diffs = extract_lora_from_models.weight_diffs(org, tuned, 4, 4, None, sdxl=False)
+    extracted = lora_tools.extract_lora(diffs, 4, 4, clamp_quantile=None, progress=False)
+    known_tensors, _ = lora_io.read_lora_file(known)
+    for name in shapes:
+        if name in SD_KNOWN_MODULES:
+            assert_close(delta(extracted, name), delta(known_tensors, name), rtol=1e-4)
+        else:
+            assert not np.any(diffs[name]), name
+
+    out = str(tmp_path / "extracted.safetensors")
+    extract_lora_from_models.main(["--model_org", org, "--model_tuned", tuned, "--dim", "4", "--conv_dim", "4",
+                                   "--save_to", out])
+    tensors, metadata = lora_io.read_lora_file(out)
+    assert set(tensors) == module_keys(shapes)
+    assert metadata["ss_base_model_version"] == "sd_v1" and metadata["ss_v2"] == "False"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
 
 
 def test_show_metadata(checkpoints, capsys):

@@ -1,17 +1,18 @@
-"""Cache latents to disk before training (kohya-ss/sd-scripts' tools/cache_latents.py, SDXL only).
+"""Cache latents to disk before training (kohya-ss/sd-scripts' tools/cache_latents.py): SD 1.x / 2.x by default
+(`--v2` for SD 2.x), SDXL with `--sdxl`, as upstream.
 
-    python tools/cache_latents.py --pretrained_model_name_or_path sdxl.safetensors --dataset_config data.toml \
+    python tools/cache_latents.py --sdxl --pretrained_model_name_or_path sdxl.safetensors --dataset_config data.toml \
         [--vae sdxl_vae.safetensors] [--no_half_vae --mixed_precision fp16] [--vae_batch_size 4] [--skip_cache_check]
+    python tools/cache_latents.py --pretrained_model_name_or_path v1-5-pruned.safetensors --dataset_config data.toml
 
 Takes the trainer's flags (`sdxl_train_network.setup_parser()`: the same dataset flags, `--dataset_config` and
 `--config_file` work, training-only flags are accepted and ignored), builds the dataset exactly as the trainer
-does and writes `<stem>_<W>x<H>_sdxl.npz` beside each image with the trainer's own encoder
-(`SdxlNetworkTrainer.cache_latents`, i.e. `library.caching`), so a later
-`sdxl_train_network.py ... --cache_latents_to_disk` with the same dataset settings finds them valid and skips
+does and writes `<stem>_<W>x<H>_sdxl.npz` (SD: `_sd.npz`) beside each image with the trainer's own encoder
+(`SdxlNetworkTrainer.cache_latents` / `NetworkTrainer.cache_latents`, i.e. `library.caching`), so a later
+training run with `--cache_latents_to_disk` and the same dataset settings finds them valid and skips
 the VAE. As upstream, `--cache_latents_to_disk` is forced on, an existing valid cache is kept (rebuilt when it is
 for another bucket size, unless `--skip_cache_check`), and `--skip_existing` is accepted as the deprecated no-op
-it is upstream. `--sdxl` is accepted (SDXL is the only model family here). Under msrun the images are split
-across processes as in training.
+it is upstream. Under msrun the images are split across processes as in training.
 """
 
 import logging
@@ -23,14 +24,14 @@ os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")  # before mindspore: see DES
 
 import sdxl_train_network  # noqa: E402  (quiets third-party output before mindspore loads)
 import train_network  # noqa: E402
-from library import config_util, console, distributed, sdxl_train_util, train_util  # noqa: E402
+from library import config_util, console, distributed, model_util, sdxl_train_util, train_util  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 
 def add_cache_tool_arguments(parser):
     """Upstream's tool-only flags on top of the trainer's parser."""
-    parser.add_argument("--sdxl", action="store_true", help="accepted as upstream; the model is always SDXL here")
+    parser.add_argument("--sdxl", action="store_true", help="SDXL models (default: SD 1.x, or 2.x with --v2)")
     parser.add_argument("--flux", action="store_true", help="upstream's FLUX mode; not supported here (an error)")
     parser.add_argument(
         "--skip_existing",
@@ -59,23 +60,30 @@ def prepare_dataset_groups(args):
     the caches complete whatever seed training uses)."""
     distributed.init_distributed()  # under msrun, first (the scheduler process stops here)
     if args.flux:
-        raise ValueError("--flux: FLUX models are not supported by this port; it caches SDXL only")
+        raise ValueError("--flux: FLUX models are not supported by this port; it caches SDXL and SD 1.x/2.x")
+    path = args.pretrained_model_name_or_path
+    if not args.sdxl and path and os.path.isfile(path) and model_util.is_sdxl_checkpoint(path):
+        raise ValueError(f"--pretrained_model_name_or_path {path}: an SDXL checkpoint; pass --sdxl (without it the "
+                         "tool caches for SD 1.x/2.x, as upstream)")
     if args.skip_existing:
         logger.info("--skip_existing has no effect (deprecated upstream): existing caches are always checked and "
                     "kept when valid; --skip_cache_check keeps them without checking")
     train_util.check_unsupported_flags(args, logger.info)
-    sdxl_train_util.verify_sdxl_training_args(args)
+    if args.sdxl:
+        sdxl_train_util.verify_sdxl_training_args(args)
+    else:
+        train_network.verify_sd_training_args(args)
     config_util.prepare_dataset_args(args)
     if args.seed is not None:
         train_network.set_seed(args.seed)
-    trainer = sdxl_train_network.SdxlNetworkTrainer()
+    trainer = sdxl_train_network.SdxlNetworkTrainer() if args.sdxl else train_network.NetworkTrainer()
     tokenize_strategy = trainer.load_tokenizer(args)
     train_group, val_group = config_util.build_dataset_groups(args, tokenize_strategy)
     if len(train_group) == 0:
         raise ValueError("no training images found: check --train_data_dir / --dataset_config")
     groups = [train_group] + ([val_group] if val_group is not None else [])
     for group in groups:
-        group.verify_bucket_reso_steps(32)
+        group.verify_bucket_reso_steps(32 if args.sdxl else 64)
     return trainer, tokenize_strategy, groups
 
 
@@ -83,6 +91,9 @@ def load_models(args):
     """(text_encoders, vae, unet) with the trainer's loader, context and dtypes."""
     train_network.configure_mindspore(args)
     weight_dtype, _ = train_network.prepare_dtype(args)
+    if not args.sdxl:
+        text_encoder, vae, unet = train_network.load_sd_models(args)
+        return (text_encoder,), vae, unet, weight_dtype
     te1, te2, vae, unet, _ = sdxl_train_util.load_target_model(args)
     return (te1, te2), vae, unet, weight_dtype
 

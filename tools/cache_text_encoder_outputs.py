@@ -25,6 +25,7 @@ from library import console, distributed  # noqa: E402
 
 
 def cache_to_disk(args):
+    args.sdxl = True  # SDXL's text encoders only (`--sdxl` is accepted, as upstream)
     args.cache_text_encoder_outputs = True
     args.cache_text_encoder_outputs_to_disk = True
     trainer, tokenize_strategy, groups = prepare_dataset_groups(args)
