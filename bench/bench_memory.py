@@ -1,15 +1,17 @@
-"""Benchmark host memory: peak RSS of loading an SDXL checkpoint (fp32, fp16), of merging a LoRA into it, and of
-one LoRA training step with and without gradient checkpointing.
+"""Benchmark host memory: peak RSS of loading an SDXL checkpoint (fp32, fp16), of merging a LoRA into it, of one
+inference step with the LoRA merged, and of one LoRA training step with and without gradient checkpointing.
 
     python bench/bench_memory.py                          # SDXL base size: ~20 GB free RAM, ~7 GB temp disk
     python bench/bench_memory.py --config bench_medium    # the same runs on the 138M-parameter UNet, ~3 min
     python bench/bench_memory.py --config bench_medium --only train --train_resolution 512
+    python bench/bench_memory.py --only inference --inference_resolution 1024
 
 A first child process gives models of the config's size random fp16 weights and writes them as a temporary fp16
 single-file checkpoint (with the project's own saver), plus a LoRA on every module (Dense and conv, rank
 `--network_dim`, nonzero lora_up). Then every measurement runs in a fresh child, because peak RSS (ru_maxrss) is
-per process and never goes down: load in fp32, load in fp16, and load in fp32 + merge the LoRA (what
-sdxl_minimal_inference.py does); then one training step (compile + step) of the trainer's own step cell on
+per process and never goes down: load in fp32, load in fp16, load in fp32 + merge the LoRA, and
+sdxl_minimal_inference.py's pipeline (load, merge, compile the guided UNet) drawing one image with one sampling
+step at `--inference_resolution`; then one training step (compile + step) of the trainer's own step cell on
 random-weight models, without and with `--gradient_checkpointing` (static shapes, cached latents and text-encoder
 outputs, `--train_resolution`, `--train_batch_size`). Each child reports its peak right after importing mindspore
 and the project (the baseline) and at the end. Nothing is kept unless `--workdir` names a folder. The JSON layout
@@ -42,8 +44,9 @@ from networks import lora  # noqa: E402
 SCHEMA_VERSION = 1
 MB = 1024 * 1024
 LOAD_MEASUREMENTS = ("load_fp32", "load_fp16", "merge_lora_fp32")
+INFERENCE_MEASUREMENTS = ("inference_step",)
 TRAIN_MEASUREMENTS = ("train_step", "train_step_checkpointing")
-MEASUREMENTS = LOAD_MEASUREMENTS + TRAIN_MEASUREMENTS
+MEASUREMENTS = LOAD_MEASUREMENTS + INFERENCE_MEASUREMENTS + TRAIN_MEASUREMENTS
 CHECKPOINT, LORA_FILE = "random_sdxl_fp16.safetensors", "all_modules_lora.safetensors"
 
 
@@ -56,8 +59,10 @@ def parse_args(argv=None):
                              "temporary folder, removed at the end")
     parser.add_argument("--train_resolution", type=int, default=128, help="image side of the training-step rows")
     parser.add_argument("--train_batch_size", type=int, default=1)
-    parser.add_argument("--only", choices=("load", "train"), default=None,
-                        help="run only the load/merge rows or only the training-step rows")
+    parser.add_argument("--inference_resolution", type=int, default=1024,
+                        help="image side of the inference row (SDXL's 1024 by default)")
+    parser.add_argument("--only", choices=("load", "inference", "train"), default=None,
+                        help="run only the load/merge rows, the inference row or the training-step rows")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="bench/results_memory.json")
     parser.add_argument("--child", choices=("write",) + MEASUREMENTS, help=argparse.SUPPRESS)
@@ -119,6 +124,24 @@ def train_step_once(args, config, gradient_checkpointing: bool) -> dict:
     return results
 
 
+def inference_step_once(args) -> dict:
+    """sdxl_minimal_inference.py's pipeline in fp32 with the LoRA merged, then one image with one sampling step
+    (the guided UNet's compile, one UNet call on the [negative, positive] batch, the VAE decode)."""
+    import sdxl_minimal_inference
+
+    start = time.perf_counter()
+    pipeline = sdxl_minimal_inference.SdxlPipeline(
+        os.path.join(args.workdir, CHECKPOINT), [sdxl_minimal_inference.LoraWeight(
+            os.path.join(args.workdir, LORA_FILE), 1.0)], dtype="fp32", graph_mode=True)
+    results = {"setup_s": time.perf_counter() - start, "peak_rss_mb_after_setup": peak_rss_mb()}
+    start = time.perf_counter()
+    size = (args.inference_resolution, args.inference_resolution)
+    image = pipeline.generate(prompt="a photo of a cat", target_size=size, steps=1, seed=args.seed, progress=False)
+    results["generate_s"] = time.perf_counter() - start  # the compile included
+    results["image_shape"] = list(image.shape)
+    return results
+
+
 def measure(args, task, config) -> dict:
     """One task in this (fresh) process; peak RSS from right after the imports to the end."""
     baseline = peak_rss_mb()
@@ -128,6 +151,8 @@ def measure(args, task, config) -> dict:
         results.update(write_inputs(args, config))
     elif task in TRAIN_MEASUREMENTS:
         results.update(train_step_once(args, config, gradient_checkpointing=task == "train_step_checkpointing"))
+    elif task in INFERENCE_MEASUREMENTS:
+        results.update(inference_step_once(args))
     else:
         dtype = ms.float16 if task == "load_fp16" else ms.float32
         te1, te2, vae, unet, _, _ = sdxl_model_util.load_models_from_sdxl_checkpoint(
@@ -155,7 +180,8 @@ def measure(args, task, config) -> dict:
 def run_child(args, task) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", task, "--config", args.config,
            "--network_dim", str(args.network_dim), "--workdir", args.workdir, "--seed", str(args.seed),
-           "--train_resolution", str(args.train_resolution), "--train_batch_size", str(args.train_batch_size)]
+           "--train_resolution", str(args.train_resolution), "--train_batch_size", str(args.train_batch_size),
+           "--inference_resolution", str(args.inference_resolution)]
     print("running:", task, flush=True)
     child = subprocess.run(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if child.returncode != 0:
@@ -196,16 +222,18 @@ def run_all(args) -> dict:
     report = {"schema_version": SCHEMA_VERSION, "environment": environment(),
               "settings": {"config": args.config, "network_dim": args.network_dim, "seed": args.seed,
                            "checkpoint_dtype": "float16", "train_resolution": args.train_resolution,
-                           "train_batch_size": args.train_batch_size},
+                           "train_batch_size": args.train_batch_size,
+                           "inference_resolution": args.inference_resolution},
               "runs": []}
     if args.only != "train":
         if not all(os.path.exists(os.path.join(args.workdir, name)) for name in (CHECKPOINT, LORA_FILE)):
             report["runs"].append(run_child(args, "write"))
             if "error" in report["runs"][-1]:
                 return report
-        report["runs"] += [run_child(args, task) for task in LOAD_MEASUREMENTS]
-    if args.only != "load":
-        report["runs"] += [run_child(args, task) for task in TRAIN_MEASUREMENTS]
+    groups = {"load": LOAD_MEASUREMENTS, "inference": INFERENCE_MEASUREMENTS, "train": TRAIN_MEASUREMENTS}
+    for group, tasks in groups.items():
+        if args.only in (None, group):
+            report["runs"] += [run_child(args, task) for task in tasks]
     return report
 
 
