@@ -26,11 +26,11 @@ import mindspore as ms  # noqa: E402
 from mindspore import nn, ops  # noqa: E402
 
 from sdxl_minimal_inference import (  # noqa: E402
-    DTYPES, LoraWeight, SdxlPipeline, add_sampling_arguments, cast_parameters, check_target_size, default_dtype_name,
-    parse_lora_weight, random_seed, resolve_dtypes, runnable_dtype, save_image, size_multiple,
+    DTYPES, LoraWeight, SdxlPipeline, add_sampling_arguments, cast_parameters, check_sampling_args, check_target_size,
+    default_dtype_name, random_seed, resolve_dtypes, runnable_dtype, save_image, size_multiple,
     use_synchronous_pynative,
 )
-from library import model_util, samplers  # noqa: E402
+from library import model_util  # noqa: E402
 from library.original_unet import Downsample2D  # noqa: E402
 from library.sd_text_encoding import check_clip_skip, encode_tokens_sd  # noqa: E402
 from library.sd_tokenize import SdTokenizeStrategy  # noqa: E402
@@ -160,12 +160,7 @@ def main(argv: Optional[List[str]] = None):
     target_size = (args.target_height or default_size, args.target_width or default_size)
     try:
         check_target_size(*target_size)
-        if args.steps < 1:
-            raise ValueError(f"--steps must be at least 1, got {args.steps}")
-        samplers.check_sampler(args.sampler, args.steps, what="--sampler")
-        if args.seed is not None and args.seed < 0:
-            raise ValueError(f"--seed must be a non-negative integer, got {args.seed}")
-        lora_weights = [parse_lora_weight(spec) for spec in args.lora_weights]
+        lora_weights = check_sampling_args(args)
         pipeline = SdPipeline(args.ckpt_path, args.v2, lora_weights, args.dtype or default_dtype_name(),
                               args.mode == "graph", args.tokenizer_cache_dir, args.v_parameterization, args.clip_skip)
         check_target_size(*target_size, pipeline.size_multiple)

@@ -287,6 +287,16 @@ def add_sampling_arguments(parser: argparse.ArgumentParser):
                         help="run the UNet as a compiled graph (one compile per image size) or eagerly")
 
 
+def check_sampling_args(args) -> List[LoraWeight]:
+    """The shared flags' checks (before any model loads); returns the parsed --lora_weights."""
+    if args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    samplers.check_sampler(args.sampler, args.steps, what="--sampler")
+    if args.seed is not None and args.seed < 0:
+        raise ValueError(f"--seed must be a non-negative integer, got {args.seed}")
+    return [parse_lora_weight(spec) for spec in args.lora_weights]
+
+
 def setup_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="SDXL text-to-image with LoRAs merged (Euler or another sampler, classifier-free guidance)")
@@ -345,12 +355,7 @@ def main(argv: Optional[List[str]] = None):
     dtype = args.dtype or default_dtype_name()
     try:
         check_target_size(args.target_height, args.target_width)
-        if args.steps < 1:
-            raise ValueError(f"--steps must be at least 1, got {args.steps}")
-        samplers.check_sampler(args.sampler, args.steps, what="--sampler")
-        if args.seed is not None and args.seed < 0:
-            raise ValueError(f"--seed must be a non-negative integer, got {args.seed}")
-        lora_weights = [parse_lora_weight(spec) for spec in args.lora_weights]
+        lora_weights = check_sampling_args(args)
         pipeline = SdxlPipeline(args.ckpt_path, lora_weights, dtype, args.mode == "graph", args.tokenizer_cache_dir)
         check_target_size(args.target_height, args.target_width, pipeline.size_multiple)
     except (ValueError, FileNotFoundError) as e:

@@ -242,7 +242,7 @@ def is_diffusers_folder(path: str) -> bool:
 
 def check_model_index(folder: str, components: dict = COMPONENTS,
                       expected: str = "only SDXL pipelines with both text encoders are supported"):
-    """model_index.json names the pipeline's model components (`components`) with their classes."""
+    """model_index.json names the pipeline's model components (`components`) with their classes; returns it."""
     path = os.path.join(folder, MODEL_INDEX)
     index = read_json(path)
     pipeline = index.get("_class_name", "?")
@@ -252,6 +252,7 @@ def check_model_index(folder: str, components: dict = COMPONENTS,
             raise CheckpointError(f"{path}: no '{component}' component ({pipeline}); {expected}")
         if entry[-1] != class_name:
             raise CheckpointError(f"{path}: '{component}' is {entry[-1]}, expected {class_name}")
+    return index
 
 
 def model_config_from_diffusers_folder(folder: str) -> dict:
@@ -430,8 +431,7 @@ def sd_model_config_from_diffusers_folder(folder: str, v2: bool) -> dict:
 def load_sd_models_from_diffusers_folder(folder: str, v2: bool, dtype=None):
     """Load an SD 1.x / 2.x diffusers folder; returns (text_encoder, vae, unet) as
     model_util.load_models_from_stable_diffusion_checkpoint. `dtype` (a mindspore dtype) casts every weight."""
-    check_model_index(folder, SD_COMPONENTS, "expected an SD 1.x/2.x pipeline (StableDiffusionPipeline)")
-    index = read_json(os.path.join(folder, MODEL_INDEX))
+    index = check_model_index(folder, SD_COMPONENTS, "expected an SD 1.x/2.x pipeline (StableDiffusionPipeline)")
     if index.get("text_encoder_2"):
         raise CheckpointError(f"{os.path.join(folder, MODEL_INDEX)}: an SDXL pipeline (it has text_encoder_2): "
                               "use the sdxl_* scripts")
