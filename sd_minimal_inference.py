@@ -27,7 +27,7 @@ from mindspore import nn, ops  # noqa: E402
 
 from sdxl_minimal_inference import (  # noqa: E402
     DTYPES, LoraWeight, SdxlPipeline, add_sampling_arguments, cast_parameters, check_sampling_args, check_target_size,
-    default_dtype_name, random_seed, resolve_dtypes, runnable_dtype, save_image, size_multiple,
+    default_dtype_name, graph_mode_flag, random_seed, resolve_dtypes, runnable_dtype, save_image, size_multiple,
     use_synchronous_pynative,
 )
 from library import model_util  # noqa: E402
@@ -63,10 +63,11 @@ class SdPipeline(SdxlPipeline):
     """
 
     vae_scale_factor = VAE_SCALE_FACTOR
+    text_encoder_attributes = ("text_encoder",)
 
     def __init__(self, ckpt_path: str, v2: bool, lora_weights: Sequence[LoraWeight] = (), dtype: str = "fp32",
-                 graph_mode: bool = True, tokenizer_cache_dir: Optional[str] = None, v_parameterization: bool = False,
-                 clip_skip: Optional[int] = None):
+                 graph_mode: Optional[bool] = None, tokenizer_cache_dir: Optional[str] = None,
+                 v_parameterization: bool = False, clip_skip: Optional[int] = None):
         dtype = runnable_dtype(dtype)
         for weight in lora_weights:
             if not os.path.isfile(weight.path):
@@ -90,6 +91,7 @@ class SdPipeline(SdxlPipeline):
             model.set_train(False)
         self._attach_sd(text_encoder, vae, unet, tokenizer, DTYPES[dtype], vae_dtype, graph_mode, v_parameterization,
                         clip_skip)
+        self._limit_eager_attention()
 
     @classmethod
     def from_models(cls, text_encoder, vae, unet, tokenizer: SdTokenizeStrategy, dtype=ms.float32, vae_dtype=None,
@@ -102,7 +104,7 @@ class SdPipeline(SdxlPipeline):
                             clip_skip)
         return pipeline
 
-    def _attach_sd(self, text_encoder, vae, unet, tokenizer, dtype, vae_dtype, graph_mode: bool,
+    def _attach_sd(self, text_encoder, vae, unet, tokenizer, dtype, vae_dtype, graph_mode: Optional[bool],
                    v_parameterization: bool, clip_skip: Optional[int]):
         self.tokenizer = tokenizer
         self.dtype, self.vae_dtype = dtype, vae_dtype
@@ -110,9 +112,8 @@ class SdPipeline(SdxlPipeline):
         self.size_multiple = size_multiple(unet, Downsample2D)
         self.v_parameterization = v_parameterization
         self.clip_skip = clip_skip
-        guided_unet = GuidedSdUNet(unet)
-        # compiled on the first call; dynamic=1: a second image size compiles one graph for every later size
-        self.guided_unet = ms.jit(guided_unet.construct, dynamic=1) if graph_mode else guided_unet
+        self.guided_unet = self._guided(GuidedSdUNet(unet), graph_mode)
+        self.released = False
 
     @property
     def models(self):
@@ -162,7 +163,7 @@ def main(argv: Optional[List[str]] = None):
         check_target_size(*target_size)
         lora_weights = check_sampling_args(args)
         pipeline = SdPipeline(args.ckpt_path, args.v2, lora_weights, args.dtype or default_dtype_name(),
-                              args.mode == "graph", args.tokenizer_cache_dir, args.v_parameterization, args.clip_skip)
+                              graph_mode_flag(args.mode), args.tokenizer_cache_dir, args.v_parameterization, args.clip_skip)
         check_target_size(*target_size, pipeline.size_multiple)
     except (ValueError, FileNotFoundError) as e:
         parser.exit(1, f"{parser.prog}: error: {e}\n")
@@ -170,7 +171,8 @@ def main(argv: Optional[List[str]] = None):
     seed = random_seed() if args.seed is None else args.seed
     logger.info(f"prompt: {args.prompt!r}, negative: {args.negative_prompt!r}, seed: {seed}, sampler: {args.sampler}")
     image = pipeline.generate(prompt=args.prompt, negative_prompt=args.negative_prompt, target_size=target_size,
-                              guidance_scale=args.guidance_scale, steps=args.steps, seed=seed, sampler=args.sampler)
+                              guidance_scale=args.guidance_scale, steps=args.steps, seed=seed, sampler=args.sampler,
+                              release_models=True)
     logger.info(f"saved {save_image(image, args.output_dir)}")
 
 

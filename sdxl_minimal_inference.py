@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 from mindspore import nn, ops  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from library import graph_reuse, samplers, sdxl_model_util, sdxl_train_util  # noqa: E402
+from library import graph_reuse, host_memory, layers, samplers, sdxl_model_util, sdxl_train_util  # noqa: E402
 from library.sdxl_original_unet import Downsample2D  # noqa: E402
 from library.sdxl_text_encoding import encode_tokens_sdxl  # noqa: E402
 from library.sdxl_tokenize import SdxlTokenizeStrategy  # noqa: E402
@@ -45,6 +45,10 @@ logger = logging.getLogger(__name__)
 DTYPES = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
 VAE_DOWNSCALE = 8  # pixels per latent pixel
 LATENT_CHANNELS = 4
+# On CPU a compiled UNet keeps every kernel's buffers for the graph's life (MindSpore 2.10: a 3x3 conv holds ~9x its
+# input), eager kernels free theirs as they go: at SDXL size and 1024 px the compiled guided UNet needed over 9 GB
+# more (measured). A full-size step runs for minutes, so the per-kernel overhead a compile saves is negligible.
+LARGEST_COMPILED_UNET_ON_CPU = 1_000_000_000  # parameters; SDXL's UNet has 2.6 B, SD 1.x/2.x's 0.87 B
 
 
 class LoraWeight(NamedTuple):
@@ -86,6 +90,14 @@ def runnable_dtype(name: str) -> str:
     if name == "fp16" and ms.get_context("device_target") == "CPU":
         logger.warning("--dtype fp16 on CPU works but runs about 10x slower than fp32")
     return name
+
+
+def default_graph_mode(unet: nn.Cell) -> bool:
+    """`--mode`'s default: compile the guided UNet, except on CPU for a UNet larger than
+    LARGEST_COMPILED_UNET_ON_CPU parameters (SDXL), whose compiled graph costs gigabytes and saves no time."""
+    if ms.get_context("device_target") != "CPU":
+        return True
+    return sum(param.size for param in unet.get_parameters()) <= LARGEST_COMPILED_UNET_ON_CPU
 
 
 def use_synchronous_pynative():
@@ -136,16 +148,18 @@ class SdxlPipeline:
 
     `SdxlPipeline(ckpt_path, ...)` loads a checkpoint and merges LoRAs: the weights are loaded in fp32 so LoRA
     deltas are added at full precision, then cast to `dtype`; with fp16 the VAE stays fp32, as upstream (SDXL's
-    VAE overflows in fp16). `SdxlPipeline.from_models(...)` wraps models that are already loaded (the trainer's,
-    with its LoRA network applied in place) and uses them exactly as they are. `generate` is family-neutral:
+    VAE overflows in fp16); `graph_mode=None` picks `default_graph_mode(unet)`, and attention runs in chunks where
+    a model runs eagerly. `SdxlPipeline.from_models(...)` wraps models that are already loaded (the trainer's, with
+    its LoRA network applied in place) and uses them exactly as they are. `generate` is family-neutral:
     `conditioning(...)` returns the guided UNet's conditioning inputs (SDXL: context and y; SD 1.x/2.x's
     `sd_minimal_inference.SdPipeline` returns the context alone).
     """
 
     vae_scale_factor = sdxl_model_util.VAE_SCALE_FACTOR
+    text_encoder_attributes = ("text_encoder1", "text_encoder2")
 
     def __init__(self, ckpt_path: str, lora_weights: Sequence[LoraWeight] = (), dtype: str = "fp32",
-                 graph_mode: bool = True, tokenizer_cache_dir: Optional[str] = None):
+                 graph_mode: Optional[bool] = None, tokenizer_cache_dir: Optional[str] = None):
         dtype = runnable_dtype(dtype)
         if not os.path.exists(ckpt_path):
             raise FileNotFoundError(f"--ckpt_path: checkpoint not found: {ckpt_path}")
@@ -170,6 +184,7 @@ class SdxlPipeline:
         for model in (te1, te2, vae, unet):
             model.set_train(False)
         self._attach(te1, te2, vae, unet, tokenizer, DTYPES[dtype], vae_dtype, graph_mode, v_parameterization=False)
+        self._limit_eager_attention()
 
     @classmethod
     def from_models(cls, text_encoder1, text_encoder2, vae, unet, tokenizer: SdxlTokenizeStrategy,
@@ -185,17 +200,35 @@ class SdxlPipeline:
                          v_parameterization)
         return pipeline
 
-    def _attach(self, te1, te2, vae, unet, tokenizer, dtype, vae_dtype, graph_mode: bool, v_parameterization: bool):
+    def _attach(self, te1, te2, vae, unet, tokenizer, dtype, vae_dtype, graph_mode: Optional[bool],
+                v_parameterization: bool):
         self.tokenizer = tokenizer
         self.dtype, self.vae_dtype = dtype, vae_dtype
         self.text_encoder1, self.text_encoder2, self.vae, self.unet = te1, te2, vae, unet
         self.size_multiple = size_multiple(unet)
         self.v_parameterization = v_parameterization
+        self.guided_unet = self._guided(GuidedUNet(unet), graph_mode)
+        self.released = False
 
-        guided_unet = GuidedUNet(unet)
+    def _guided(self, guided_unet: nn.Cell, graph_mode: Optional[bool]):
+        self.graph_mode = default_graph_mode(self.unet) if graph_mode is None else graph_mode
         # compiled on the first call, then several times faster per step; dynamic=1: a second image size compiles
         # one dynamic-shape graph that serves every later size, instead of a graph per size
-        self.guided_unet = ms.jit(guided_unet.construct, dynamic=1) if graph_mode else guided_unet
+        return ms.jit(guided_unet.construct, dynamic=1) if self.graph_mode else guided_unet
+
+    def _limit_eager_attention(self):
+        """Attention in chunks where the models run eagerly: the VAE always, the UNet unless it is compiled. Only
+        for models this pipeline loaded: the trainer's models also run in its compiled step."""
+        for model in (self.vae,) if self.graph_mode else (self.vae, self.unet):
+            layers.limit_eager_attention_scores(model)
+
+    def _release(self, *attributes: str):
+        """Drop the pipeline's references to these models and free their memory."""
+        for name in attributes:
+            if not hasattr(self, name):
+                raise AttributeError(f"{type(self).__name__} has no model {name!r} to release")
+            setattr(self, name, None)
+        host_memory.free_unreferenced_memory()
 
     @property
     def models(self) -> Tuple[nn.Cell, nn.Cell, nn.Cell, nn.Cell]:
@@ -223,12 +256,16 @@ class SdxlPipeline:
     def generate(self, prompt: str = "A photo of a cat", prompt2: Optional[str] = None, negative_prompt: str = "",
                  target_size: Tuple[int, int] = (1024, 1024), original_size: Optional[Tuple[int, int]] = None,
                  crop_top_left: Tuple[int, int] = (0, 0), guidance_scale: float = 7.0, steps: int = 50,
-                 seed: int = 0, progress: bool = True, sampler: str = samplers.DEFAULT_INFERENCE_SAMPLER
-                 ) -> np.ndarray:
+                 seed: int = 0, progress: bool = True, sampler: str = samplers.DEFAULT_INFERENCE_SAMPLER,
+                 release_models: bool = False) -> np.ndarray:
         """One image as a (H, W, 3) uint8 array; sizes are (height, width) / (top, left) in pixels.
 
         `seed` seeds one numpy Generator, local to this call: it draws the initial noise, then the noise of an
-        ancestral sampler. No global random state is read or changed."""
+        ancestral sampler. No global random state is read or changed. `release_models=True` (the last image of a
+        pipeline) frees the text encoders once the prompts are encoded and the UNet once the latents are sampled,
+        so the peak memory is the larger of the three phases' instead of all models plus the largest phase."""
+        if self.released:
+            raise RuntimeError("this pipeline released its models after its last image (release_models=True)")
         height, width = target_size
         check_target_size(height, width, self.size_multiple)
         if steps < 1:
@@ -236,6 +273,9 @@ class SdxlPipeline:
         samplers.check_sampler(sampler, steps)
         conds = self.conditioning(prompt, prompt if prompt2 is None else prompt2, negative_prompt,
                                   original_size or target_size, crop_top_left, target_size)
+        self.released = release_models
+        if release_models:
+            self._release(*self.text_encoder_attributes)
 
         shape = (1, LATENT_CHANNELS, height // VAE_DOWNSCALE, width // VAE_DOWNSCALE)
         rng = np.random.default_rng(seed)
@@ -245,6 +285,8 @@ class SdxlPipeline:
         graph_reuse.new_graph_generation()
         latents = samplers.sample_latents(sampler, lambda x, t: self.guided_unet(x, t, *conds, guidance), noise,
                                           steps, rng, progress, self.v_parameterization)
+        if release_models:
+            self._release("unet", "guided_unet")
 
         image = self.vae.decode((latents / self.vae_scale_factor).astype(self.vae_dtype))
         image = (image.astype(ms.float32).asnumpy()[0] / 2 + 0.5).clip(0, 1)
@@ -283,8 +325,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--dtype", type=str, choices=sorted(DTYPES), default=None,
                         help="weights and activations (default: fp16 on GPU/Ascend as upstream, fp32 on CPU); "
                              "with fp16 the VAE runs in fp32")
-    parser.add_argument("--mode", type=str, choices=["graph", "pynative"], default="graph",
-                        help="run the UNet as a compiled graph (one compile per image size) or eagerly")
+    parser.add_argument("--mode", type=str, choices=["graph", "pynative"], default=None,
+                        help="run the UNet as a compiled graph (at most two compiles: first size, then one dynamic "
+                             "graph) or eagerly (default: graph, but pynative on CPU for SDXL-size UNets, whose "
+                             "compiled graph needs gigabytes more memory and is no faster there)")
 
 
 def check_sampling_args(args) -> List[LoraWeight]:
@@ -324,6 +368,11 @@ def setup_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def graph_mode_flag(mode: Optional[str]) -> Optional[bool]:
+    """--mode as the pipelines' graph_mode: True, False, or None for the default."""
+    return None if mode is None else mode == "graph"
+
+
 def random_seed() -> int:
     return secrets.randbelow(2 ** 32)
 
@@ -356,7 +405,8 @@ def main(argv: Optional[List[str]] = None):
     try:
         check_target_size(args.target_height, args.target_width)
         lora_weights = check_sampling_args(args)
-        pipeline = SdxlPipeline(args.ckpt_path, lora_weights, dtype, args.mode == "graph", args.tokenizer_cache_dir)
+        pipeline = SdxlPipeline(args.ckpt_path, lora_weights, dtype, graph_mode_flag(args.mode),
+                                args.tokenizer_cache_dir)
         check_target_size(args.target_height, args.target_width, pipeline.size_multiple)
     except (ValueError, FileNotFoundError) as e:
         parser.exit(1, f"{parser.prog}: error: {e}\n")
@@ -374,11 +424,13 @@ def main(argv: Optional[List[str]] = None):
         requests = interactive_requests(settings)
     else:
         seed = random_seed() if args.seed is None else args.seed
+        # one image: each model is freed once its part is done
         requests = [dict(settings, prompt=args.prompt, prompt2=args.prompt2, negative_prompt=args.negative_prompt,
-                         seed=seed)]
+                         seed=seed, release_models=True)]
     for request in requests:
         logger.info(f"prompt: {request['prompt']!r}, prompt2: {request['prompt2']!r}, "
-                    f"negative: {request['negative_prompt']!r}, seed: {request['seed']}, sampler: {args.sampler}")
+                    f"negative: {request['negative_prompt']!r}, seed: {request['seed']}, sampler: {args.sampler}, "
+                    f"mode: {'graph' if pipeline.graph_mode else 'pynative'}")
         path = save_image(pipeline.generate(**request), args.output_dir)
         logger.info(f"saved {path}")
 

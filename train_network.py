@@ -11,7 +11,6 @@ share: the cell that runs forward and backward in one compiled graph.
 """
 
 import argparse
-import gc
 import importlib
 import logging
 import math
@@ -34,7 +33,8 @@ with console.quiet_import():  # mindone.transformers prints and warns while it r
     from mindone.diffusers.training_utils import TrainStep  # noqa: E402
 
 from library import config_util, custom_train_functions, lr_schedulers, optimizers, sai_model_spec  # noqa: E402
-from library import caching, distributed, model_util, sdxl_train_util, train_state, train_util, validation  # noqa: E402
+from library import caching, distributed, host_memory, model_util, sdxl_train_util  # noqa: E402
+from library import train_state, train_util, validation  # noqa: E402
 from library.autoencoder_kl import sample_diagonal_gaussian  # noqa: E402
 from library.custom_train_functions import DiffusionNoiseAndLoss  # noqa: E402
 from library.graph_reuse import GraphEntry  # noqa: E402
@@ -348,7 +348,7 @@ class NetworkTrainer:
             if args.cache_text_encoder_outputs:
                 text_encoders = (None,) * len(text_encoders)
             self.text_encoders, self.vae = text_encoders, vae
-            gc.collect()
+            host_memory.free_unreferenced_memory()
 
         text_encoder_lr = args.text_encoder_lr[0] if isinstance(args.text_encoder_lr, list) else args.text_encoder_lr
         param_groups, lr_descriptions = network.prepare_optimizer_params(text_encoder_lr, args.unet_lr, args.learning_rate)

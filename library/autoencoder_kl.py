@@ -14,7 +14,7 @@ from typing import Sequence
 from mindspore import nn, ops
 
 from library.graph_reuse import GraphEntry, ReusedCell, mark_resolution
-from library.layers import GroupNorm, attention, conv2d, dense
+from library.layers import GroupNorm, attention, attention_in_chunks, conv2d, dense
 
 SDXL_VAE_SCALE_FACTOR = 0.13025
 
@@ -83,11 +83,16 @@ class Attention(nn.Cell):
         self.to_k = dense(channels, channels)
         self.to_v = dense(channels, channels)
         self.to_out = nn.CellList([dense(channels, channels)])  # a list so the name is `to_out.0`, as in diffusers
+        self.max_attention_scores = None  # layers.limit_eager_attention_scores
 
     def construct(self, x):
         b, c, h, w = x.shape
         tokens = self.group_norm(x).reshape(b, c, h * w).transpose(0, 2, 1)
-        out = attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens), heads=1)
+        q, k, v = self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)
+        if self.max_attention_scores:  # None in graph mode: a constant, so this branch is not compiled
+            out = attention_in_chunks(q, k, v, 1, self.max_attention_scores)
+        else:
+            out = attention(q, k, v, heads=1)
         out = self.to_out[0](out).transpose(0, 2, 1).reshape(b, c, h, w)
         return x + out
 

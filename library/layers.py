@@ -121,6 +121,29 @@ def attention(q, k, v, heads: int, mask=None):
     return out.reshape(b, heads, lq, d).transpose(0, 2, 1, 3).reshape(b, lq, c)
 
 
+def attention_in_chunks(q, k, v, heads: int, max_scores: int):
+    """`attention` (without mask) holding at most about `max_scores` fp32 scores at once: the queries go in chunks,
+    and each query's softmax is its own, so the result is the same. Eager code only: the chunks depend on the
+    shapes' values, which a dynamic-shape graph does not know."""
+    b, lq, _ = q.shape
+    chunk = max(1, max_scores // (b * heads * k.shape[1]))
+    if chunk >= lq:
+        return attention(q, k, v, heads)
+    return ops.cat([attention(q[:, i:i + chunk], k, v, heads) for i in range(0, lq, chunk)], axis=1)
+
+
+# the scores an eagerly run attention holds at once after `limit_eager_attention_scores` (256 MB in fp32)
+EAGER_ATTENTION_SCORES = 2 ** 26
+
+
+def limit_eager_attention_scores(model: nn.Cell, max_scores: int = EAGER_ATTENTION_SCORES):
+    """Bound the score elements every attention cell of `model` holds at once (cells with `max_attention_scores`);
+    for models that run eagerly only (see `attention_in_chunks`)."""
+    for _, cell in model.cells_and_names():
+        if hasattr(cell, "max_attention_scores"):
+            cell.max_attention_scores = max_scores
+
+
 def causal_mask(length: int):
     """(1, 1, L, L) additive mask: 0 on and below the diagonal, a large negative value above it."""
     mask = np.triu(np.full((length, length), -1e9, dtype=np.float32), k=1)

@@ -75,6 +75,7 @@ class CrossAttention(nn.Cell):
         self.heads = heads
         self.scale = dim_head ** -0.5
         self.use_flash_attention = False
+        self.max_attention_scores = None  # layers.limit_eager_attention_scores
         self.to_q = layers.dense(query_dim, inner_dim, bias=False)
         self.to_k = layers.dense(context_dim, inner_dim, bias=False)
         self.to_v = layers.dense(context_dim, inner_dim, bias=False)
@@ -89,6 +90,8 @@ class CrossAttention(nn.Cell):
             dtype = ms.float16 if q.dtype == ms.float32 else q.dtype
             out = ops.flash_attention_score(q.astype(dtype), k.astype(dtype), v.astype(dtype), self.heads,
                                             scalar_value=self.scale, input_layout="BSH").astype(q.dtype)
+        elif self.max_attention_scores:  # None in graph mode: a constant, so this branch is not compiled
+            out = layers.attention_in_chunks(q, k, v, self.heads, self.max_attention_scores)
         else:
             out = layers.attention(q, k, v, self.heads)
         return self.to_out(out)

@@ -25,8 +25,8 @@ MARGIN = 0.25  # of the models' size: a read window, a tensor or two in flight, 
 MULTIPLIER = 0.8
 NETWORK_DIM, NETWORK_ALPHA = 4, 2.0
 
-# settings come as one JSON argument: task ("load" or "merge"), ckpt, dtype, and for "merge": lora_file,
-# multiplier, names (LoRA modules whose merged weights go to `out`, an .npz file)
+# settings come as one JSON argument: task ("load", "merge" or "free": load, then drop the models), ckpt, dtype, and
+# for "merge": lora_file, multiplier, names (LoRA modules whose merged weights go to `out`, an .npz file)
 CHILD = r"""
 import json, resource, sys
 import mindspore as ms
@@ -39,9 +39,17 @@ def peak_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def current_rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
+
+
 settings = json.loads(sys.argv[1])
 config = sdxl_model_util.load_model_config("bench_medium")
 baseline_mb = peak_mb()
+if settings["task"] == "free":
+    import gc
+    gc.collect()
+    baseline_rss_mb = current_rss_mb()
 te1, te2, vae, unet, _, _ = sdxl_model_util.load_models_from_sdxl_checkpoint(
     settings["ckpt"], getattr(ms, settings["dtype"]), config)
 dtypes = sorted({str(p.dtype) for model in (te1, te2, vae, unet) for p in model.get_parameters()})
@@ -50,7 +58,15 @@ if settings["task"] == "merge":
         settings["multiplier"], settings["lora_file"], vae, [te1, te2], unet, for_inference=True)
     merger.merge_to(weights_sd)
     np.savez(settings["out"], **{name: merger.targets[name].weight.asnumpy() for name in settings["names"]})
-print(json.dumps({"baseline_mb": baseline_mb, "peak_mb": peak_mb(), "dtypes": dtypes}))
+result = {"baseline_mb": baseline_mb, "peak_mb": peak_mb(), "dtypes": dtypes}
+if settings["task"] == "free":
+    from library import host_memory
+    result["loaded_rss_mb"] = current_rss_mb()
+    del te1, te2, vae, unet
+    host_memory.free_unreferenced_memory()
+    result["freed_rss_mb"] = current_rss_mb()
+    result["baseline_rss_mb"] = baseline_rss_mb
+print(json.dumps(result))
 """
 
 
@@ -140,3 +156,13 @@ def test_a_misfitting_module_is_found_before_any_weight_changes(medium):
     with pytest.raises(ValueError, match=f"{last}: the LoRA's update has shape"):
         merger.merge_to(weights_sd)
     np.testing.assert_array_equal(merger.targets[first].weight.asnumpy(), before)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the resident size from /proc/self/statm")
+def test_dropped_models_give_their_memory_back_to_the_system(medium):
+    """What sdxl_minimal_inference and the trainer do with models they are done with. With gc alone, glibc kept
+    about 75% of the freed models resident (568 of 761 MB on this config)."""
+    models_mb = medium["params"] * 4 / MB
+    run = run_child(task="free", ckpt=medium["ckpts"]["float16"], dtype="float32")
+    assert run["loaded_rss_mb"] - run["baseline_rss_mb"] >= 0.9 * models_mb  # the models were resident
+    assert run["freed_rss_mb"] - run["baseline_rss_mb"] <= 0.1 * models_mb, run

@@ -9,6 +9,7 @@ import inspect
 import logging
 import os
 import re
+import weakref
 
 import mindspore as ms
 import numpy as np
@@ -17,7 +18,7 @@ from PIL import Image
 from safetensors.numpy import save_file
 
 import sdxl_minimal_inference as smi
-from library import samplers
+from library import autoencoder_kl, layers, samplers
 from library.sdxl_model_util import state_dict_of
 from library.sdxl_text_encoding import encode_tokens_sdxl
 from tools.make_tiny_checkpoint import make_tiny_checkpoint
@@ -227,6 +228,90 @@ def test_cli_writes_one_png_of_the_requested_size_in_graph_mode(ckpt, pipeline, 
     # the compiled UNet gives the eager image, up to rounding
     eager = generate(pipeline, target_size=(64, 96), seed=3)
     assert np.abs(image.astype(int) - eager).max() <= 2
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+def test_attention_in_chunks_equals_numpy_attention(monkeypatch):
+    rng = np.random.default_rng(3)
+    b, lq, lk, heads, d = 2, 37, 11, 3, 4
+    q, k, v = (rng.standard_normal((b, n, heads * d)).astype(np.float32) for n in (lq, lk, lk))
+
+    def split_heads(t):
+        return t.reshape(b, -1, heads, d).transpose(0, 2, 1, 3)
+
+    scores = split_heads(q) @ split_heads(k).transpose(0, 1, 3, 2) / np.sqrt(d)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    expected = (probs @ split_heads(v)).transpose(0, 2, 1, 3).reshape(b, lq, heads * d)
+
+    chunk_lengths = []
+    attention = layers.attention
+    monkeypatch.setattr(layers, "attention", lambda q, *args: chunk_lengths.append(q.shape[1]) or attention(q, *args))
+    out = layers.attention_in_chunks(ms.Tensor(q), ms.Tensor(k), ms.Tensor(v), heads, max_scores=b * heads * lk * 5)
+    assert chunk_lengths == [5] * 7 + [2]
+    np.testing.assert_allclose(out.asnumpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_eager_attention_in_chunks_gives_the_same_image(pipeline, base_image, monkeypatch):
+    chunked_calls = {"unet": 0, "vae": 0}
+
+    def counting(model, module):
+        function = module.attention_in_chunks
+
+        def attention_in_chunks(*args):
+            chunked_calls[model] += 1
+            return function(*args)
+        monkeypatch.setattr(module, "attention_in_chunks", attention_in_chunks)
+
+    counting("unet", layers)  # the UNet's CrossAttention calls layers.attention_in_chunks
+    counting("vae", autoencoder_kl)
+    try:
+        for model in (pipeline.unet, pipeline.vae):
+            layers.limit_eager_attention_scores(model, 300)  # a few queries per chunk on the tiny model
+        image = generate(pipeline, seed=1)
+    finally:
+        for model in (pipeline.unet, pipeline.vae):
+            layers.limit_eager_attention_scores(model)
+    unet_attentions = sum(hasattr(cell, "max_attention_scores") for _, cell in pipeline.unet.cells_and_names())
+    # two UNet calls (steps) of every attention cell, one VAE decode
+    assert chunked_calls == {"unet": STEPS * unet_attentions, "vae": 1}
+    assert np.abs(image.astype(int) - base_image).max() <= 1  # the same up to rounding
+
+
+def test_release_models_frees_the_text_encoders_before_sampling_and_the_unet_before_decoding(ckpt, base_image,
+                                                                                            monkeypatch):
+    pipeline = smi.SdxlPipeline(ckpt, graph_mode=False)
+    refs = {name: weakref.ref(getattr(pipeline, name)) for name in ("text_encoder1", "text_encoder2", "unet")}
+    alive = {}
+    sample_latents = samplers.sample_latents
+
+    def sample_and_record(*args, **kwargs):
+        alive["sampling"] = sorted(name for name, ref in refs.items() if ref() is not None)
+        return sample_latents(*args, **kwargs)
+
+    decode = pipeline.vae.decode
+
+    def decode_and_record(latents):
+        alive["decoding"] = sorted(name for name, ref in refs.items() if ref() is not None)
+        return decode(latents)
+
+    monkeypatch.setattr(samplers, "sample_latents", sample_and_record)
+    monkeypatch.setattr(pipeline.vae, "decode", decode_and_record)
+    image = generate(pipeline, seed=1, release_models=True)
+    assert alive == {"sampling": ["unet"], "decoding": []}
+    np.testing.assert_array_equal(image, base_image)
+    with pytest.raises(RuntimeError, match="released its models"):
+        generate(pipeline, seed=1)
+
+
+def test_default_mode_compiles_except_sdxl_size_unets_on_cpu(pipeline, monkeypatch):
+    assert ms.get_context("device_target") == "CPU"
+    assert smi.default_graph_mode(pipeline.unet)
+    unet_params = sum(param.size for param in pipeline.unet.get_parameters())
+    monkeypatch.setattr(smi, "LARGEST_COMPILED_UNET_ON_CPU", unet_params - 1)
+    assert not smi.default_graph_mode(pipeline.unet)
+    assert smi.SdxlPipeline.from_models(*pipeline.models, pipeline.tokenizer, graph_mode=None).graph_mode is False
 
 
 def test_save_image_never_overwrites(tmp_path):
