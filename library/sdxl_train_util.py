@@ -75,20 +75,21 @@ def load_sdxl_models(path: str, flag: str, dtype=None):
 
 def load_vae(path: str, vae):
     """Replace the VAE weights from `--vae`: a single-file SDXL checkpoint, a VAE-only LDM/diffusers file, or a
-    diffusers VAE folder (or a pipeline folder's vae/)."""
+    diffusers VAE folder (or a pipeline folder's vae/). From a whole checkpoint only the VAE's tensors are read."""
     from library.vae_conversion import convert_ldm_vae_checkpoint
 
     if os.path.isdir(path):
         return diffusers_loading.load_vae_from_diffusers_folder(path, vae)
 
-    tensors, _ = sdxl_model_util.read_safetensors(path)
-    if any(k.startswith(sdxl_model_util.VAE_PREFIX) for k in tensors):
-        ldm = {k[len(sdxl_model_util.VAE_PREFIX):]: v for k, v in tensors.items() if k.startswith(sdxl_model_util.VAE_PREFIX)}
-        state_dict = convert_ldm_vae_checkpoint(ldm)
-    elif any(k.startswith("encoder.down.") for k in tensors):
-        state_dict = convert_ldm_vae_checkpoint(tensors)
+    reader = sdxl_model_util.CheckpointReader(path)
+    prefix = sdxl_model_util.VAE_PREFIX
+    if any(key.startswith(prefix) for key in reader.keys):
+        state_dict = convert_ldm_vae_checkpoint(
+            {key[len(prefix):]: reader.get(key) for key in reader.keys if key.startswith(prefix)})
     else:
-        state_dict = tensors
+        tensors = {key: reader.get(key) for key in reader.keys}
+        is_ldm = any(key.startswith("encoder.down.") for key in tensors)
+        state_dict = convert_ldm_vae_checkpoint(tensors) if is_ldm else tensors
     sdxl_model_util.load_state_dict_into(vae, state_dict, f"--vae {path}")
     return vae
 

@@ -228,3 +228,14 @@ def test_vae_option_takes_an_sd_checkpoint_or_vae_file(tiny_ckpts, tmp_path):
         vae.decoder.mid_block.attentions[0].to_q.weight.set_data(ms.Tensor(np.zeros_like(expected)))
         sdxl_train_util.load_vae(source, vae)
         np.testing.assert_array_equal(vae.decoder.mid_block.attentions[0].to_q.weight.asnumpy(), expected)
+
+
+def test_vae_option_reads_only_the_vae_of_a_whole_checkpoint(tiny_ckpts, monkeypatch):
+    _, vae, _ = model_util.load_models_from_stable_diffusion_checkpoint(False, tiny_ckpts["tiny_sd1"])
+    read = []
+    original_get = sdxl_model_util.CheckpointReader.get
+    monkeypatch.setattr(sdxl_model_util.CheckpointReader, "get",
+                        lambda reader, key: read.append(key) or original_get(reader, key))
+    sdxl_train_util.load_vae(tiny_ckpts["tiny_sd2"], vae)
+    tensors, _ = read_all(tiny_ckpts["tiny_sd2"])
+    assert sorted(read) == sorted(k for k in tensors if k.startswith("first_stage_model."))
