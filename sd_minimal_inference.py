@@ -113,7 +113,6 @@ class SdPipeline(SdxlPipeline):
         self.v_parameterization = v_parameterization
         self.clip_skip = clip_skip
         self.guided_unet = self._guided(GuidedSdUNet(unet), graph_mode)
-        self.released = False
 
     @property
     def models(self):

@@ -157,6 +157,7 @@ class SdxlPipeline:
 
     vae_scale_factor = sdxl_model_util.VAE_SCALE_FACTOR
     text_encoder_attributes = ("text_encoder1", "text_encoder2")
+    released = False  # set by generate(release_models=True)
 
     def __init__(self, ckpt_path: str, lora_weights: Sequence[LoraWeight] = (), dtype: str = "fp32",
                  graph_mode: Optional[bool] = None, tokenizer_cache_dir: Optional[str] = None):
@@ -208,7 +209,6 @@ class SdxlPipeline:
         self.size_multiple = size_multiple(unet)
         self.v_parameterization = v_parameterization
         self.guided_unet = self._guided(GuidedUNet(unet), graph_mode)
-        self.released = False
 
     def _guided(self, guided_unet: nn.Cell, graph_mode: Optional[bool]):
         self.graph_mode = default_graph_mode(self.unet) if graph_mode is None else graph_mode
